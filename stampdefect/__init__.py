@@ -1,1 +1,14 @@
+"""Unsupervised crack and defect detection for large stamped metal products, taught and built in notebooks
+
+Modules:
+
+- `stampdefect.alignment`: Segment the product (Segment Anything or a classical threshold), fill its holes, and learn the affine map that puts every photo's panel where the template's is, exactly enough (< 2 px at 3840x2160) to compare patches.
+- `stampdefect.backbones`: EfficientNet-Lite0 rebuilt in plain PyTorch around the ImageNet checkpoint that ships on PyPI, multi-scale feature taps named by stride, and the same interface for torchvision ResNets from a local weights file.
+- `stampdefect.kernels`: The two hot paths of memory-bank detectors (PatchCore): exact nearest-neighbour search through BLAS plus a fused Numba reduction, and PatchCore's greedy coreset. One API for NumPy, PyTorch and CuPy arrays, CPU or GPU.
+- `stampdefect.models.mna`: Seed 000's distribution model over VQ-VAE codes: a U2-Net that never sees the code it predicts nor its neighbours, with patch positional encoding; cracks are the codes it finds unlikely, resampled and decoded. With the VQ-VAE + autoregressive-prior baseline of the paper's table.
+- `stampdefect.models.patchcore`: A memory bank of normal patch features, thinned by a greedy coreset and searched by exact nearest neighbours: on the small shipped backbone, with a fit that streams, tiles for full-resolution panels, and banks per tile position.
+- `stampdefect.models.vqvae`: The discrete autoencoder of Zhang et al. (seed 000, eq. 2): residual conv encoder/decoder, a 512 x 64 codebook learned by exponential moving averages with dead-code restarts, and an L2 + commitment + perceptual loss.
+- `stampdefect.training`: One helper trains every learned method: seeded, resumable from atomic checkpoints, mixed precision on the GPU, a progress bar and a loss history.
+- `stampdefect.widgets`: A heatmap viewer (opacity, threshold, image) and a latent-space explorer for the VQ-VAE + MNA prior detector, fast enough to drag, tested without a browser, and still interactive on the static docs site."""
+
 __version__ = "0.1.0"
