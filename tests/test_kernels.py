@@ -106,6 +106,24 @@ def test_knn_torch_in_torch_out():
     assert isinstance(i2, np.ndarray) and (i2 == i.numpy()).all()
 
 
+def test_knn_gemm_backends_agree():
+    rng = np.random.default_rng(11)
+    q, b = rng.standard_normal((300, 40)).astype(np.float32), rng.standard_normal((900, 40)).astype(np.float32)
+    ref = knn_ref(q, b, 4)
+    for gemm in ('auto', 'numpy', 'onednn'):
+        d, i = knn(q, b, 4, gemm=gemm, bank_block=256)
+        np.testing.assert_array_equal(i, ref[1]); np.testing.assert_allclose(d, ref[0], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="gemm must be 'auto', 'onednn' or 'numpy'"):
+        knn(q, b, gemm='mkl')
+
+
+def test_knn_read_only_inputs():
+    rng = np.random.default_rng(12)
+    q, b = rng.standard_normal((50, 8)).astype(np.float32), rng.standard_normal((60, 8)).astype(np.float32)
+    q.flags.writeable = False; b.flags.writeable = False
+    np.testing.assert_array_equal(knn(q, b, 2)[1], knn_ref(q, b, 2)[1])
+
+
 def test_knn_threads_do_not_change_results():
     rng = np.random.default_rng(7)
     q, b = rng.standard_normal((700, 10)).astype(np.float32), rng.standard_normal((500, 10)).astype(np.float32)

@@ -1,13 +1,16 @@
 """Run every tutorial notebook the way `nbdev-test` does (nbdev's test_nb), one pytest item per notebook.
 
+Each notebook runs in its own Python process, as nbdev-test does: test_nb executes cells in the calling process,
+so a notebook re-defining and re-registering a class (its exported cells) would otherwise leak into the tests and
+notebooks that run after it (a model saved by the module's class, loaded by the notebook's).
+
 nbdev-test itself prints no pytest summary; this wrapper gives CI a `N passed` line. Cells flagged with the
 project's `tst_flags` (`notest`, `slow`) are skipped; set STAMPDEFECT_NB_FLAGS="slow" to run slow cells too.
 """
-import os
+import os, subprocess, sys
 from pathlib import Path
 
 import pytest
-import nbdev.test as nbt          # import the module, not test_nb, or pytest would collect test_nb itself
 from nbdev.config import get_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,8 +27,12 @@ def _notebooks():
 
 
 NOTEBOOKS = list(_notebooks())
-# Known failures, each reported in the issue notes and to be fixed, never silently passed.
-KNOWN_FAILING = {'30_widgets.ipynb': 'fails on a clean clone against the committed MNA snapshot (2026-11-23); fix next session'}
+_RUNNER = """
+import sys, nbdev.test as nbt
+nb, skip, force, root = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), sys.argv[4]
+ok, _ = nbt.test_nb(nb, skip_flags=skip, force_flags=force, basepath=root, do_print=False)
+sys.exit(0 if ok else 1)
+"""
 
 
 def test_there_are_notebooks():
@@ -38,7 +45,8 @@ def test_notebook(nb, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     force = os.environ.get("STAMPDEFECT_NB_FLAGS", "").split()
     skip = [f for f in str(CFG.tst_flags).split() if f not in force]
-    if nb.name in KNOWN_FAILING:
-        pytest.xfail(KNOWN_FAILING[nb.name])
-    ok, seconds = nbt.test_nb(nb, skip_flags=skip, force_flags=force, basepath=str(ROOT), do_print=False)
-    assert ok, f"{nb.name} failed (the traceback is printed above)"
+    run = subprocess.run([sys.executable, "-c", _RUNNER, str(nb), " ".join(skip), " ".join(force), str(ROOT)],
+                         capture_output=True, text=True, cwd=nb.parent)
+    if run.returncode != 0:
+        print(run.stdout[-20000:]); print(run.stderr[-20000:], file=sys.stderr)
+    assert run.returncode == 0, f"{nb.name} failed (its output is printed above)"

@@ -243,3 +243,48 @@ def test_explorer_bad_input():
         latent_explorer(patch, codes, nll, lambda m: np.zeros((8, 8)))
     with pytest.raises(ValueError, match='one'): latent_explorer(torch.rand(2, 3, 8, 8), codes, nll, fn)
     with pytest.raises(ValueError, match='finite'): latent_explorer(patch, codes, nll, fn, threshold=float('nan'))
+
+
+# -- latent explorer on the MNA detector --------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def tiny_mna():
+    "A tiny MNA detector (untrained VQ-VAE, 2 prior steps): enough to check the wiring, in a few seconds."
+    from stampdefect.core import get_detector
+    from stampdefect.models.vqvae import VQVAE
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                      # tiny tensors: threads only add overhead (and contention)
+    try:
+        det = get_detector('mna', dict(
+            patch_size=16, channels=1, device='cpu', prior_steps=2, prior_batch=2, calib_patches=4,
+            vqvae=dict(hidden_channels=8, residual_channels=4, n_residual_blocks=1, codebook_size=16, code_dim=4, perceptual_weight=0.0),
+            prior=dict(u2net='small', width=0.25, blocks=('4', '4F'), side_channels=8, head_channels=16)))
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(0)
+        det.fit(torch.rand(2, 1, 24, 40, generator=g), vqvae=VQVAE(det.config.vqvae_config()))
+        yield det
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_latent_explorer_for_matches_the_detector(tiny_mna):
+    from stampdefect.widgets import latent_explorer_for
+    patch = torch.rand(1, 16, 16, generator=torch.Generator().manual_seed(3))
+    e = latent_explorer_for(tiny_mna, patch)
+    assert e.threshold.value == pytest.approx(tiny_mna.nll_threshold, abs=e.threshold.step)
+    for thr in (float(np.quantile(e.nll, 0.5)), float(np.quantile(e.nll, 0.9))):
+        e.threshold.value = thr
+        ref = tiny_mna.explain(patch[None], threshold=e.threshold.value)
+        assert np.array_equal(e.mask, ref['resampled'][0].numpy())
+        np.testing.assert_allclose(e.crack_map, ref['map'][0].numpy(), atol=1e-6)
+    e.threshold.value = e.threshold.max
+    assert not e.mask.any() and e.crack_map.max() == 0.0
+    e2 = latent_explorer_for(tiny_mna, patch, origin=(4, 8), panel_hw=(24, 40), threshold=0.0)
+    assert e2.threshold.value == 0.0 and e2.threshold.min == 0.0 and e2.mask.all()    # the slider reaches a given threshold
+
+
+def test_latent_explorer_for_bad_input(tiny_mna):
+    from stampdefect.core import get_detector
+    from stampdefect.widgets import latent_explorer_for
+    with pytest.raises(TypeError, match='latent-prior'): latent_explorer_for(get_detector('reference'), torch.rand(1, 16, 16))
+    with pytest.raises(ValueError, match='panel_hw'): latent_explorer_for(tiny_mna, torch.rand(1, 16, 16), origin=(0, 0))
+    with pytest.raises(ValueError, match='patches'): latent_explorer_for(tiny_mna, torch.rand(1, 8, 8))
