@@ -8,6 +8,7 @@ Modules:
 - `stampdefect.models.mna`: Seed 000's distribution model over VQ-VAE codes: a U2-Net that never sees the code it predicts nor its neighbours, with patch positional encoding; cracks are the codes it finds unlikely, resampled and decoded. With the VQ-VAE + autoregressive-prior baseline of the paper's table.
 - `stampdefect.models.patchcore`: A memory bank of normal patch features, thinned by a greedy coreset and searched by exact nearest neighbours: on the small shipped backbone, with a fit that streams, tiles for full-resolution panels, and banks per tile position.
 - `stampdefect.models.vqvae`: The discrete autoencoder of Zhang et al. (seed 000, eq. 2): residual conv encoder/decoder, a 512 x 64 codebook learned by exponential moving averages with dead-code restarts, and an L2 + commitment + perceptual loss.
+- `stampdefect.pipeline`: align -> tile -> detect -> stitch -> map back to the photo -> report: one function from a raw panel photo to a decision, crack regions and an overlay, with alignment failures reported, never passed as good.
 - `stampdefect.training`: One helper trains every learned method: seeded, resumable from atomic checkpoints, mixed precision on the GPU, a progress bar and a loss history.
 - `stampdefect.widgets`: A heatmap viewer (opacity, threshold, image) and a latent-space explorer for the VQ-VAE + MNA prior detector, fast enough to drag, tested without a browser, and still interactive on the static docs site."""
 

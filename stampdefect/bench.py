@@ -68,7 +68,7 @@ BENCHES: dict[str, Callable] = {}
 BENCH_MODULES = {'knn': 'stampdefect.kernels', 'coreset': 'stampdefect.kernels',
                  'tiling': 'stampdefect.tiling', 'metrics': 'stampdefect.metrics',
                  'panel': 'stampdefect.pipeline', 'patchcore': 'stampdefect.models.patchcore',
-                 'backbone': 'stampdefect.backbones'}
+                 'backbone': 'stampdefect.backbones', 'alignment': 'stampdefect.alignment'}
 
 def register_bench(name: str):
     "Decorator: register `fn(quick: bool = False) -> list[dict]` as the benchmark `name`."

@@ -6,27 +6,30 @@ Docs: https://stampdefect.github.io/stampdefect/cli.html.md"""
 
 # %% ../nbs/21_cli.ipynb #17eab21f
 from __future__ import annotations
-import argparse, csv, html, io, json, os, resource, sys, time, warnings, base64
+import argparse, csv, dataclasses, html, io, json, os, re, resource, sys, time, warnings, base64
 from pathlib import Path
 import numpy as np
 import torch
 
 from .core import Detector, Prediction, get_detector, atomic_write, REGISTRY, _import_builtin_methods
+from .pipeline import (overlay, inspect_panel, save_pipeline, load_pipeline, check_sizes, calibrate_thresholds,
+                                  torch_threads, ON_ALIGN_FAILURE)
 
 # %% auto #0
-__all__ = ['split_for_calibration', 'overlay', 'save_png', 'cmd_fit', 'cmd_inspect', 'evaluate_detector', 'format_table',
-           'cmd_evaluate', 'cmd_bench', 'html_report', 'cmd_demo', 'build_parser', 'main']
+__all__ = ['split_for_calibration', 'save_png', 'cmd_fit', 'cmd_inspect', 'evaluate_detector', 'format_table', 'cmd_evaluate',
+           'cmd_bench', 'html_report', 'shipped_model', 'cmd_demo', 'build_parser', 'main']
 
 # %% ../nbs/21_cli.ipynb #7f1b7746
 def _is_mvtec(root: Path) -> bool: return (root / 'train').is_dir() or (root / 'test').is_dir()
 
-def _train_images(root: Path, size, channels: int) -> list[torch.Tensor]:
+def _train_images(root: Path, size, channels: int) -> list[tuple[str, torch.Tensor]]:
+    "(file name, image (C, H, W) float32) of every normal training image, resized to `size` unless it is None."
     from stampdefect.data import FolderDataset, load_image, list_images
     if not root.exists(): raise FileNotFoundError(f"--data folder not found: {root}")
     if _is_mvtec(root):
         ds = FolderDataset(root, split='train', size=size, channels=channels)
-        return [ds[i]['image'] for i in range(len(ds))]
-    return [_resize(load_image(p, channels=channels), size) for p in list_images(root)]
+        return [(ds[i]['path'], ds[i]['image']) for i in range(len(ds))]
+    return [(str(p), _resize(load_image(p, channels=channels), size)) for p in list_images(root)]
 
 def _resize(img: torch.Tensor, size) -> torch.Tensor:
     if size is None: return img
@@ -41,20 +44,6 @@ def split_for_calibration(n: int, fraction: float, seed: int = 0) -> tuple[np.nd
     return np.sort(perm[k:]), np.sort(perm[:k])
 
 # %% ../nbs/21_cli.ipynb #b764c83e
-def overlay(image: torch.Tensor | np.ndarray, amap: np.ndarray, threshold: float | None = None, alpha: float = 0.5) -> np.ndarray:
-    """Blend an anomaly map over an image. image: (C, H, W) float in [0, 1]; amap: (H, W) float.
-    Returns (H, W, 3) uint8. The map is scaled by 2 * threshold (or by its max when no threshold is known)."""
-    import matplotlib
-    img = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image, dtype=np.float32)
-    if img.ndim != 3: raise ValueError(f"image: expected (C, H, W), got shape {img.shape}")
-    if img.shape[1:] != amap.shape: raise ValueError(f"image {img.shape[1:]} and map {amap.shape} differ in size")
-    grey = img.mean(0)
-    scale = 2 * threshold if threshold else (float(amap.max()) or 1.0)
-    heat = matplotlib.colormaps['jet'](np.clip(amap / scale, 0, 1))[..., :3]
-    weight = alpha * np.clip(amap / scale * 2, 0, 1)[..., None]   # low scores stay transparent
-    out = (1 - weight) * grey[..., None] + weight * heat
-    return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
-
 def save_png(arr: np.ndarray, path) -> Path:
     "Write an (H, W[, 3]) uint8 array as PNG, atomically."
     from PIL import Image
@@ -75,27 +64,90 @@ def _parse_config(args) -> dict:
         except json.JSONDecodeError: cfg[k] = v
     return cfg
 
+def _tile_config(method: str, tile: int | None, stride: int | None) -> dict:
+    "Config overrides of --tile/--stride: tiled mode at full resolution, for any method whose config has tile_size."
+    if tile is None:
+        if stride is not None: raise ValueError("--stride needs --tile SIZE")
+        return {}
+    _import_builtin_methods()
+    if method not in REGISTRY: raise ValueError(f"unknown method {method!r}; available: {sorted(REGISTRY)}")
+    names = {f.name for f in dataclasses.fields(REGISTRY[method].Config)}
+    if 'tile_size' not in names: raise ValueError(f"--tile: method {method!r} has no tiled mode (its config has no tile_size option)")
+    if tile < 1 or (stride is not None and not 1 <= stride <= tile):
+        raise ValueError(f"--tile must be >= 1 and --stride between 1 and --tile, got --tile {tile} --stride {stride}")
+    out = {'tile_size': tile, 'tile_stride': stride}
+    if 'image_size' in names: out['image_size'] = None
+    return out
+
+def _sam_arg(spec):
+    "The SAM checkpoint of an --align value (None for 'classical' or no alignment)."
+    if spec in (None, 'classical', 'none'): return None
+    p = Path(spec)
+    if not p.is_file(): raise FileNotFoundError(f"--align {spec}: expected 'classical' or the path of a SAM checkpoint file, and the file does not exist")
+    return p
+
+def _make_aligner(spec: str, steps: int):
+    "A new Aligner for --align SPEC: classical masks, or SAM masks from the checkpoint at SPEC."
+    from stampdefect.alignment import Aligner, AlignerConfig, STNConfig, load_sam
+    sam = _sam_arg(spec)
+    cfg = AlignerConfig(mask_method='sam' if sam else 'classical', stn=STNConfig(steps=steps))
+    return Aligner(cfg, sam=load_sam(sam) if sam else None)
+
 def _check_writable_dir(d: Path, what: str) -> Path:
     try: d.mkdir(parents=True, exist_ok=True)
     except OSError as e: raise PermissionError(f"{what} {d} cannot be created: {e.strerror}") from None
     if not os.access(d, os.W_OK): raise PermissionError(f"{what} {d} is not writable")
     return d
 
+def _fit_aligner(aligner, named: list, quiet: bool = True) -> list[torch.Tensor]:
+    "Fit `aligner` on the photos of `named` [(file, image)], align them; errors name the file. Returns the aligned panels."
+    names, imgs = [n for n, _ in named], [x for _, x in named]
+    try:
+        with torch_threads(1): aligner.fit(imgs, progress=not quiet)
+    except ValueError as e:
+        raise ValueError(re.sub(r'train_images\[(\d+)\]', lambda m: names[int(m.group(1))], str(e))) from None
+    out = []
+    for n, x in named:
+        with torch_threads(1): r = aligner.align(x)
+        if not r.ok: raise ValueError(f"{n}: training photo could not be aligned ({r.reason}); remove it or fix the photo")
+        out.append(r.image)
+    return out
+
+def _fit_kwargs(det: Detector, **options) -> dict:
+    "The options that `det.fit` accepts (methods differ: PatchCore batches its feature pass, trained methods show progress)."
+    import inspect
+    params = inspect.signature(det.fit).parameters
+    return {k: v for k, v in options.items() if k in params}
+
 def cmd_fit(args) -> int:
-    "Fit a method on normal images and save it with its threshold."
+    "Fit a method (optionally on aligned, tiled panels) on normal images and save it with its thresholds."
     out = Path(args.out)
     _check_writable_dir(out.parent if str(out.parent) else Path('.'), 'output folder')
-    det = get_detector(args.method, _parse_config(args))
+    align = getattr(args, 'align', None)
+    align = None if align == 'none' else align
+    det = get_detector(args.method, {**_parse_config(args), **_tile_config(args.method, getattr(args, 'tile', None), getattr(args, 'stride', None))})
     size = getattr(det.config, 'image_size', None) if args.size is None else args.size
-    imgs = _train_images(Path(args.data), size, args.channels)
+    named = _train_images(Path(args.data), None if align else size, args.channels)
+    if not named: raise ValueError(f"--data {args.data}: no training images found")
+    if align or size is None: hw = check_sizes({n: tuple(x.shape[1:]) for n, x in named}, f'training images in {args.data}')
+    else: hw = None
+    aligner = _make_aligner(align, args.align_steps) if align else None
+    t0 = time.perf_counter()
+    imgs = _fit_aligner(aligner, named, getattr(args, 'quiet', True)) if aligner else [x for _, x in named]
+    align_s = time.perf_counter() - t0
+    if aligner and size is not None: imgs = [_resize(x, size) for x in imgs]
     fit_idx, cal_idx = split_for_calibration(len(imgs), args.calib_fraction, args.seed)
     t0 = time.perf_counter()
-    det.fit([imgs[i] for i in fit_idx], batch_size=args.batch_size)
+    det.fit([imgs[i] for i in fit_idx], **_fit_kwargs(det, batch_size=args.batch_size, progress=not getattr(args, 'quiet', True)))
     fit_s = time.perf_counter() - t0
-    det.calibrate([imgs[i] for i in cal_idx], quantile=args.quantile, batch_size=args.batch_size)
-    det.save(out)
-    print(f"fitted {args.method} on {len(fit_idx)} normal images in {fit_s:.1f} s; threshold {det.threshold:.4g} "
-          f"from {len(cal_idx)} held-out normal images; saved {out}")
+    cal = [imgs[i] for i in cal_idx]
+    _, pthr = calibrate_thresholds(det, cal, args.quantile)
+    save_pipeline(out, det, aligner, {'pixel_threshold': pthr, 'train_hw': list(hw) if hw else None,
+                                      'align': None if not align else ('classical' if align == 'classical' else 'sam')})
+    print(f"fitted {args.method} on {len(fit_idx)} normal images in {fit_s:.1f} s"
+          f"{f' (aligner fitted and photos aligned in {align_s:.1f} s)' if aligner else ''}; threshold {det.threshold:.4g}, "
+          f"pixel threshold {pthr:.4g} from {len(cal_idx)} held-out normal images; saved {out}"
+          f"{' and ' + str(out) + '.aligner' if aligner else ''}")
     return 0
 
 def _collect_inputs(paths: list[str]) -> list[Path]:
@@ -108,40 +160,59 @@ def _collect_inputs(paths: list[str]) -> list[Path]:
     if not files: raise ValueError(f"no images found in {', '.join(paths)}")
     return files
 
+def _load_for_use(args):
+    "(model, aligner, info) of args.model; --align must agree with how the model was fitted."
+    align = getattr(args, 'align', None)
+    det, aligner, info = load_pipeline(args.model, sam=_sam_arg(align))
+    if align not in (None, 'none') and aligner is None:
+        raise ValueError(f"--align {align}: {args.model} was fitted without alignment; refit it with --align to inspect aligned panels")
+    if align == 'classical' and aligner is not None and aligner.config.mask_method != 'classical':
+        raise ValueError(f"--align classical: {args.model} was fitted with SAM masks; pass --align PATH_TO_SAM_CHECKPOINT")
+    return det, aligner, info
+
 def cmd_inspect(args) -> int:
-    "Score images, decide against the stored threshold, write overlays and results.csv / results.json."
+    """Align (if the model was fitted with --align), score, decide against the stored threshold, find crack regions,
+    write overlays and results.csv / results.json. Exit 1 if a defect is found or a photo could not be aligned."""
     from stampdefect.data import load_image, ImageReadError
     from tqdm.auto import tqdm
-    det = Detector.load(args.model)
+    det, aligner, info = _load_for_use(args)
     files = _collect_inputs(args.inputs)
     out = _check_writable_dir(Path(args.out), '--out folder')
     (out / 'overlays').mkdir(exist_ok=True)
     size = getattr(det.config, 'image_size', None)
     channels = getattr(det.config, 'channels', 3)
-    rows, failed = [], []
+    train_hw = tuple(info['train_hw']) if info.get('train_hw') else None
+    rows, failed, other_size = [], [], []
     for f in tqdm(files, desc='inspect', unit='img', disable=args.quiet):
         try: img = load_image(f, channels=channels)
         except (ImageReadError, OSError, ValueError) as e:
             failed.append((str(f), str(e))); print(f"skipped {f}: {e}", file=sys.stderr); continue
-        x = _resize(img, size) if size is not None else img
-        pred = det.predict(x[None])
-        score, amap = float(pred.scores[0]), pred.maps[0]
-        if amap.shape != img.shape[1:]:   # maps come back at the model's input size: show them on the photo
-            amap = torch.nn.functional.interpolate(torch.from_numpy(amap)[None, None], size=img.shape[1:], mode='bilinear', align_corners=False)[0, 0].numpy()
-        defect = bool(det.decide([score])[0]) if det.threshold is not None else None
+        if train_hw and tuple(img.shape[1:]) != train_hw: other_size.append(f"{f.name} ({img.shape[2]}x{img.shape[1]})")
+        # a photo the model cannot take (wrong channels, a size a position-aware bank refuses) stops the run, naming it
+        rep = inspect_panel(img, det, aligner, args.on_align_failure, info.get('pixel_threshold'), args.min_area, size, name=str(f))
         ov_path = out / 'overlays' / f"{f.stem}_overlay.png"
-        save_png(overlay(img, amap, det.threshold), ov_path)
-        rows.append({'image': str(f), 'score': round(score, 6), 'threshold': det.threshold, 'defect': defect,
-                     'overlay': str(ov_path.relative_to(out))})
+        save_png(rep.overlay, ov_path)
+        if rep.decision == 'not aligned': print(f"{f}: not aligned: {rep.align_reason}", file=sys.stderr)
+        rows.append({'image': str(f), 'score': None if rep.score is None else round(rep.score, 6), 'threshold': det.threshold,
+                     'defect': rep.defect, 'status': rep.decision, 'regions': len(rep.regions), 'aligned': rep.aligned,
+                     'align_reason': rep.align_reason, 'overlay': str(ov_path.relative_to(out)),
+                     'region_list': [r.to_dict() for r in rep.regions[:50]]})
+    if other_size:
+        print(f"note: {len(other_size)} photo(s) differ in size from the training photos ({train_hw[1]}x{train_hw[0]}): "
+              f"{', '.join(other_size[:10])}{' ...' if len(other_size) > 10 else ''}"
+              f"{'; each was aligned to the template frame' if aligner else ''}", file=sys.stderr)
     _write_results(out, rows, failed)
-    n_def = sum(bool(r['defect']) for r in rows)
-    print(f"inspected {len(rows)} image(s), {n_def} defective, {len(failed)} skipped; results in {out}/results.csv")
-    return 1 if n_def else 0
+    n_def = sum(r['defect'] is True for r in rows)
+    n_na = sum(r['status'] == 'not aligned' for r in rows)
+    print(f"inspected {len(rows)} image(s), {n_def} defective, {n_na} not aligned, {len(failed)} skipped; results in {out}/results.csv")
+    return 1 if n_def or n_na else 0
+
+_CSV_FIELDS = ['image', 'score', 'threshold', 'defect', 'status', 'regions', 'aligned', 'align_reason', 'overlay']
 
 def _write_results(out: Path, rows: list[dict], failed: list) -> None:
     def write_csv(tmp):
         with open(tmp, 'w', newline='') as fh:
-            w = csv.DictWriter(fh, fieldnames=['image', 'score', 'threshold', 'defect', 'overlay'])
+            w = csv.DictWriter(fh, fieldnames=_CSV_FIELDS, extrasaction='ignore')
             w.writeheader(); w.writerows(rows)
     atomic_write(out / 'results.csv', write_csv)
     payload = {'results': rows, 'skipped': [{'image': f, 'error': e} for f, e in failed]}
@@ -150,29 +221,41 @@ def _write_results(out: Path, rows: list[dict], failed: list) -> None:
 def _peak_rss_mb() -> float: return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 def evaluate_detector(det: Detector, root, batch_size: int = 8, defect_types=None, progress: bool = True,
-                      binarize_masks: bool = False) -> dict:
-    "Metrics of a fitted detector on the test split of an MVTec-layout folder, with timing and peak memory."
+                      binarize_masks: bool = False, aligner=None, pixel_threshold: float | None = None,
+                      on_report=None) -> dict:
+    """Metrics of a fitted detector on the test split of an MVTec-layout folder, with timing and peak memory.
+    Every image goes through `inspect_panel` (aligned first when `aligner` is given; maps and masks compared in
+    photo pixels). A photo that cannot be aligned is inspected unaligned, so it still has a score, and is listed
+    in res['not_aligned']. IoU and pixel F1 use `pixel_threshold` (default: the model's threshold).
+    on_report(item, report): called for each test item (the demo saves overlays with it). batch_size: unused
+    (images are inspected one at a time), kept for compatibility."""
     from stampdefect.data import FolderDataset
     from stampdefect.metrics import evaluate
     from tqdm.auto import tqdm
     size = getattr(det.config, 'image_size', None)
-    ds = FolderDataset(root, split='test', size=size, channels=getattr(det.config, 'channels', 3), defect_types=defect_types,
-                       binarize_masks=binarize_masks)
-    scores, maps, masks, labels, types = [], [], [], [], []
+    ds = FolderDataset(root, split='test', size=None if aligner else size, channels=getattr(det.config, 'channels', 3),
+                       defect_types=defect_types, binarize_masks=binarize_masks)
+    scores, maps, masks, labels, types, not_aligned = [], [], [], [], [], []
     t_pred = 0.0
     for i in tqdm(range(len(ds)), desc='evaluate', unit='img', disable=not progress):
         it = ds[i]
-        t0 = time.perf_counter(); p = det.predict(it['image'][None]); t_pred += time.perf_counter() - t0
-        scores.append(p.scores[0]); maps.append(p.maps[0]); masks.append(it['mask'][0].numpy() > 0.5)
+        t0 = time.perf_counter()
+        rep = inspect_panel(it['image'], det, aligner, 'inspect_unaligned', pixel_threshold, size=size if aligner else None, name=it['path'])
+        t_pred += time.perf_counter() - t0
+        if rep.align_ok is False: not_aligned.append(it['path'])
+        if on_report is not None: on_report(it, rep)
+        scores.append(rep.score); maps.append(rep.amap); masks.append(it['mask'][0].numpy() > 0.5)
         labels.append(int(it['label'])); types.append(it['defect_type'])
     scores, labels = np.array(scores), np.array(labels)
-    res = evaluate(scores, labels, np.stack(maps), np.stack(masks), threshold=det.threshold)
-    res.update(n_images=len(ds), images_per_second=len(ds) / t_pred, peak_rss_mb=round(_peak_rss_mb(), 1))
+    thr = det.threshold if pixel_threshold is None else pixel_threshold
+    res = evaluate(scores, labels, np.stack(maps), np.stack(masks), threshold=thr)
+    res.update(n_images=len(ds), images_per_second=len(ds) / t_pred, peak_rss_mb=round(_peak_rss_mb(), 1),
+               aligned=aligner is not None, not_aligned=not_aligned)
     per_type = {}
     for t in sorted(set(types) - {'good'}):
         sel = np.array([ty in ('good', t) for ty in types])
         per_type[t] = evaluate(scores[sel], labels[sel], np.stack([m for m, s in zip(maps, sel) if s]),
-                               np.stack([m for m, s in zip(masks, sel) if s]), threshold=det.threshold)
+                               np.stack([m for m, s in zip(masks, sel) if s]), threshold=thr)
     res['per_defect_type'] = per_type
     return res
 
@@ -188,15 +271,17 @@ def format_table(res: dict) -> str:
     return '\n'.join(lines)
 
 def cmd_evaluate(args) -> int:
-    "Print the metrics table of a saved model on a labelled MVTec-layout folder."
-    det = Detector.load(args.model)
+    "Print the metrics table of a saved model (aligned first if it was fitted with --align) on a labelled MVTec-layout folder."
+    det, aligner, info = _load_for_use(args)
     root = Path(args.data)
     if not (root / 'test').is_dir(): raise FileNotFoundError(f"--data {root}: no test/ folder (expected the MVTec layout: test/good, test/<defect>, ground_truth/<defect>)")
-    res = evaluate_detector(det, root, args.batch_size, progress=not (args.json or args.quiet), binarize_masks=args.binarize_masks)
+    res = evaluate_detector(det, root, args.batch_size, progress=not (args.json or args.quiet), binarize_masks=args.binarize_masks,
+                            aligner=aligner, pixel_threshold=info.get('pixel_threshold'))
     if args.json: print(json.dumps(_jsonable(res)))
     else:
         print(format_table(res))
-        print(f"\n{res['n_images']} images, {res['images_per_second']:.2f} images/s, peak memory {res['peak_rss_mb']:.0f} MB, threshold {det.threshold}")
+        print(f"\n{res['n_images']} images, {res['images_per_second']:.2f} images/s, peak memory {res['peak_rss_mb']:.0f} MB, threshold {det.threshold}"
+              + (f", {len(res['not_aligned'])} not aligned (inspected unaligned)" if aligner else ''))
     return 0
 
 def _jsonable(o):
@@ -243,9 +328,17 @@ def html_report(title: str, res: dict, items: list[dict], out: Path) -> Path:
             f"peak memory {res['peak_rss_mb']:.0f} MB, threshold {res.get('threshold')}</p>{table}<h2>Overlays</h2>{figs}</body></html>")
     return atomic_write(out, lambda tmp: Path(tmp).write_text(page))
 
+def shipped_model(method: str) -> Path | None:
+    """The trained model for the sample panels that ships with the project (`checkpoints/<method>_samples.sdm`, next
+    to data_samples/; its aligner beside it), or None. Looked up in the current folder, then next to the package."""
+    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        p = root / 'checkpoints' / f'{method}_samples.sdm'
+        if p.is_file(): return p
+    return None
+
 def cmd_demo(args) -> int:
-    "Fit on data_samples/, inspect its test panels, write overlays and an HTML report."
-    from stampdefect.data import FolderDataset
+    """Run the pipeline on data_samples/: fit (aligned, tiled), inspect the test panels, write overlays and an HTML report.
+    Methods with a shipped model for the samples (`shipped_model`) use it instead of fitting, unless --refit."""
     t_start = time.perf_counter()
     root = _sample_root(args.data)
     print(_summarise_samples(root))
@@ -256,30 +349,41 @@ def cmd_demo(args) -> int:
         return 0
     out = _check_writable_dir(Path(args.out), '--out folder')
     model_path = out / f'{args.method}.sdm'
+    has_tiles = 'tile_size' in {f.name for f in dataclasses.fields(REGISTRY[args.method].Config)}
+    tile = args.tile if args.tile is not None else (128 if has_tiles else None)
+    stride = args.stride if args.stride is not None or tile is None else tile // 2
     fit_args = argparse.Namespace(method=args.method, data=str(root), out=str(model_path), config=None, set=args.set,
-                                  size=None, channels=3, calib_fraction=0.25, quantile=1.0, seed=0, batch_size=4)
-    cmd_fit(fit_args)
-    det = Detector.load(model_path)
-    res = evaluate_detector(det, root, progress=not args.quiet)
-    res['threshold'] = det.threshold
-    ds = FolderDataset(root, split='test')
+                                  size=None, channels=3, calib_fraction=0.25, quantile=1.0, seed=0, batch_size=4,
+                                  align=args.align, align_steps=args.align_steps, tile=tile, stride=stride, quiet=True)
+    shipped = None if (args.refit or args.data or args.set) else shipped_model(args.method)
+    t0 = time.perf_counter()
+    if shipped:
+        det, aligner, info = load_pipeline(shipped)
+        model_path = shipped
+        print(f"using the trained model that ships with the samples: {shipped} (--refit to fit one from scratch)")
+    else:
+        cmd_fit(fit_args)
+        det, aligner, info = load_pipeline(model_path)
+    fit_s = time.perf_counter() - t0
     (out / 'overlays').mkdir(exist_ok=True)
     items = []
-    size = getattr(det.config, 'image_size', None)
-    for i in range(len(ds)):
-        it = ds[i]; img = it['image']
-        p = det.predict((_resize(img, size) if size else img)[None])
-        amap = p.maps[0]
-        if amap.shape != img.shape[1:]:
-            amap = torch.nn.functional.interpolate(torch.from_numpy(amap)[None, None], size=img.shape[1:], mode='bilinear', align_corners=False)[0, 0].numpy()
-        path = save_png(overlay(img, amap, det.threshold), out / 'overlays' / f"{Path(it['path']).stem}_{it['defect_type']}.png")
-        items.append({'name': Path(it['path']).name, 'score': float(p.scores[0]), 'defect': bool(det.decide(p.scores)[0]),
-                      'truth': it['defect_type'], 'overlay_path': str(path)})
-    report = html_report(f'stampdefect demo: {args.method} on the sample panels', res, items, out / 'report.html')
+    def keep(it, rep):
+        path = save_png(rep.overlay, out / 'overlays' / f"{Path(it['path']).stem}_{it['defect_type']}.png")
+        items.append({'name': Path(it['path']).name, 'score': rep.score, 'defect': rep.defect, 'truth': it['defect_type'],
+                      'overlay_path': str(path), 'regions': len(rep.regions), 'status': rep.decision})
+    t0 = time.perf_counter()
+    res = evaluate_detector(det, root, progress=not args.quiet, aligner=aligner, pixel_threshold=info.get('pixel_threshold'), on_report=keep)
+    inspect_s = time.perf_counter() - t0
+    res['threshold'] = det.threshold
+    title = (f"stampdefect demo: {args.method}{f' (tiles {tile}, stride {stride})' if tile else ''}"
+             f"{', aligned' if aligner else ''} on the sample panels")
+    report = html_report(title, res, items, out / 'report.html')
     print(format_table(res))
-    print(f"\nmodel: {model_path}\noverlays: {out / 'overlays'}\nreport: {report}\n"
+    print(f"\nmodel: {model_path}{' + ' + str(model_path) + '.aligner' if aligner else ''}\noverlays: {out / 'overlays'}\n"
+          f"report: {report}\n{'loading' if shipped else 'fit'} {fit_s:.0f} s, inspection of {res['n_images']} panels {inspect_s:.0f} s; "
           f"demo finished in {time.perf_counter() - t_start:.0f} s")
     return 0
+
 
 # %% ../nbs/21_cli.ipynb #d7ad2ec9
 def build_parser() -> argparse.ArgumentParser:
@@ -299,13 +403,24 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument('--quantile', type=float, default=0.99, help='quantile of held-out normal scores used as threshold')
     f.add_argument('--batch-size', type=int, default=8)
     f.add_argument('--seed', type=int, default=0)
+    f.add_argument('--align', metavar='classical|SAM_CHECKPOINT', default=None,
+                   help="align raw panel photos to a template first: 'classical' masks, or the path of a Segment Anything checkpoint")
+    f.add_argument('--align-steps', type=int, default=300, help='STN training steps of the aligner (default 300; the refinement step corrects a short training)')
+    f.add_argument('--tile', type=int, default=None, metavar='SIZE', help='tiled mode at full resolution: tile side in pixels (methods with a tile_size option)')
+    f.add_argument('--stride', type=int, default=None, metavar='S', help='step between tiles (default: SIZE, no overlap)')
+    f.add_argument('--quiet', action='store_true')
     f.set_defaults(func=cmd_fit)
 
-    i = sub.add_parser('inspect', help='score new images with a saved model', description='Score images, decide against the stored threshold, write heatmap overlays and results.csv/results.json. Exit code 1 if any defect is found.')
+    i = sub.add_parser('inspect', help='score new images with a saved model', description='Score images, decide against the stored threshold, write heatmap overlays and results.csv/results.json. Exit code 1 if any defect is found or a photo cannot be aligned.')
     i.add_argument('model', help='model file written by fit')
     i.add_argument('inputs', nargs='+', help='image files or folders')
     i.add_argument('--out', required=True, help='results folder')
     i.add_argument('--quiet', action='store_true')
+    i.add_argument('--align', metavar='classical|SAM_CHECKPOINT', default=None,
+                   help='models fitted with --align are aligned automatically; give the SAM checkpoint here if they used SAM masks')
+    i.add_argument('--on-align-failure', choices=ON_ALIGN_FAILURE, default='report',
+                   help="'report' (default): a photo that cannot be aligned is reported 'not aligned', not inspected; 'inspect_unaligned': inspect it as it is")
+    i.add_argument('--min-area', type=int, default=1, help='smallest crack region reported, in photo pixels')
     i.set_defaults(func=cmd_inspect)
 
     e = sub.add_parser('evaluate', help='metrics of a saved model on a labelled set', description='Image AUROC, AUPR, F1-max, pixel AUROC, PRO-AUC, IoU at the stored threshold, images/s and peak memory on an MVTec-layout test split.')
@@ -313,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument('--json', action='store_true', help='one JSON object instead of a table')
     e.add_argument('--batch-size', type=int, default=8); e.add_argument('--quiet', action='store_true')
     e.add_argument('--binarize-masks', action='store_true', help='threshold anti-aliased ground-truth masks at 128 instead of refusing them')
+    e.add_argument('--align', metavar='classical|SAM_CHECKPOINT', default=None,
+                   help='models fitted with --align are aligned automatically; give the SAM checkpoint here if they used SAM masks')
     e.set_defaults(func=cmd_evaluate)
 
     d = sub.add_parser('demo', help='fit + inspect + report on the bundled sample panels', description='Runs the whole path on data_samples/ with nothing to download.')
@@ -320,10 +437,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument('--out', default='stampdefect_demo', help='where overlays, model and report.html go')
     d.add_argument('--set', action='append', metavar='KEY=VALUE', help='override one config option (repeatable)')
     d.add_argument('--quiet', action='store_true')
+    d.add_argument('--align', default='classical', metavar='classical|SAM_CHECKPOINT|none', help="alignment (default 'classical'; 'none' to skip)")
+    d.add_argument('--align-steps', type=int, default=150, help='STN training steps (default 150)')
+    d.add_argument('--tile', type=int, default=None, metavar='SIZE', help='tile side (default 128 for methods with a tiled mode)')
+    d.add_argument('--stride', type=int, default=None, metavar='S', help='step between tiles (default SIZE / 2)')
+    d.add_argument('--refit', action='store_true', help='fit a new model even where a trained one ships with the samples (checkpoints/)')
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser('bench', help='time our kernels against their baselines', description='Runs our kernel and its baselines on the same data in one run; one JSON object per case with --json.')
-    b.add_argument('name', help='knn, coreset, tiling, metrics, panel, patchcore')
+    b.add_argument('name', help='knn, coreset, tiling, metrics, panel, patchcore, backbone, alignment')
     b.add_argument('--json', action='store_true'); b.add_argument('--quick', action='store_true', help='small sizes (seconds)')
     b.set_defaults(func=cmd_bench)
     return p
