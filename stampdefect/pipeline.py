@@ -46,7 +46,7 @@ def overlay(image: torch.Tensor | np.ndarray, amap: np.ndarray, threshold: float
     weight = (level * 2).clamp_(max=1).mul_(alpha).unsqueeze(-1)              # low scores stay transparent
     grey = img.mean(0).unsqueeze(-1)
     out = grey + weight * (heat - grey)
-    return out.clamp_(0, 1).mul_(255).add_(0.5).to(torch.uint8).numpy()
+    return out.clamp_(0, 1).mul_(255).round_().to(torch.uint8).numpy()   # half to even, as NumPy's round
 
 # %% ../nbs/20_pipeline.ipynb #c6b2511d
 @dataclass
