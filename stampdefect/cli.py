@@ -148,6 +148,11 @@ def cmd_fit(args) -> int:
           f"{f' (aligner fitted and photos aligned in {align_s:.1f} s)' if aligner else ''}; threshold {det.threshold:.4g}, "
           f"pixel threshold {pthr:.4g} from {len(cal_idx)} held-out normal images; saved {out}"
           f"{' and ' + str(out) + '.aligner' if aligner else ''}")
+    n_cal = len(cal_idx)
+    if args.quantile < 1 and (n_cal - 1) * (1 - args.quantile) < 1:   # np.quantile(method='higher') is then the maximum
+        hint = f"--quantile {int((1 - 1 / (n_cal - 1)) * 100) / 100:g} or lower, or " if n_cal > 2 else ''
+        print(f"note: with {n_cal} held-out image(s) the {args.quantile:g} quantile is their largest score, so a single unusual "
+              f"normal image sets both thresholds; consider {hint}a larger --calib-fraction", file=sys.stderr)
     return 0
 
 def _collect_inputs(paths: list[str]) -> list[Path]:

@@ -69,6 +69,18 @@ def test_fit_inspect_trained_methods(folders, capsys, method, tmp_path):
     assert len(json.loads((tmp_path / 'res' / 'results.json').read_text())['results']) == 4
 
 
+def test_fit_notes_when_the_quantile_is_the_maximum(folders, capsys, tmp_path):
+    rng = np.random.default_rng(2)
+    (tmp_path / 'many').mkdir()
+    for k in range(20): _img(tmp_path / 'many' / f'{k}.png', rng)
+    argv = ['fit', '--method', 'reference', '--data', tmp_path / 'many', '--out', tmp_path / 'm.sdm', '--calib-fraction', '0.5']
+    code, out, err = run(capsys, *argv, '--quantile', '0.99')       # 10 held out: the 0.99 quantile is their maximum
+    assert code == 0 and 'with 10 held-out image(s) the 0.99 quantile is their largest score' in err
+    assert '--quantile 0.88 or lower' in err
+    code, out, err = run(capsys, *argv, '--quantile', '0.8')
+    assert code == 0 and 'largest score' not in err
+
+
 def test_inspect_clean_folder_exit_0(folders, capsys):
     fit(capsys, folders)
     code, *_ = run(capsys, 'inspect', folders / 'm.sdm', folders / 'new' / 'a_ok.png', '--out', folders / 'res', '--quiet')
