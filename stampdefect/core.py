@@ -196,14 +196,19 @@ def atomic_write(path, write_fn) -> Path:
         raise
     return path
 
-def _save(self, path) -> Path:
-    "Save this fitted detector to one safetensors file (atomic)."
+def _save(self, path, extra_metadata: dict[str, str] | None = None) -> Path:
+    """Save this fitted detector to one safetensors file (atomic). extra_metadata: more string entries for the
+    file's metadata (e.g. the pipeline's); they cannot replace the detector's own keys."""
     from safetensors.torch import save_file
     self._check_fitted()
     tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_tensors().items()}
     meta = {'format': FORMAT_NAME, 'format_version': str(FORMAT_VERSION), 'method': self.name,
             'config': json.dumps(asdict(self.config)), 'threshold': json.dumps(self.threshold),
             'extra_state': json.dumps(self.extra_state())}
+    clash = set(extra_metadata or {}) & set(meta)
+    if clash: raise ValueError(f"extra_metadata must not replace the model's own entries {sorted(clash)}")
+    if any(not isinstance(v, str) for v in (extra_metadata or {}).values()): raise TypeError("extra_metadata values must be strings")
+    meta.update(extra_metadata or {})
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 def _load(cls, path) -> 'Detector':

@@ -248,23 +248,12 @@ def _sha256(path) -> str:
 def save_pipeline(path, model: Detector, aligner: Aligner | None = None, info: dict | None = None) -> Path:
     """Save a fitted `model` to `path` (its usual safetensors file) and, if given, `aligner` to aligner_path(path);
     `info` (JSON-able: pixel threshold, training size, ...) goes into the model file's metadata. Both writes are atomic."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
     path = Path(path)
     meta = dict(info or {}, version=1, aligner_file=None)
     if aligner is not None:
         ap = aligner.save(aligner_path(path))
         meta.update(aligner_file=ap.name, aligner_sha256=_sha256(ap), mask_method=aligner.config.mask_method)
-    def write(tmp):
-        plain = Path(str(tmp) + '.model')
-        try:
-            model.save(plain)
-            with safe_open(str(plain), framework='pt') as f: m = f.metadata() or {}
-            tensors = {k: v.clone() for k, v in load_file(str(plain)).items()}
-            save_file(tensors, str(tmp), metadata={**m, PIPELINE_META: json.dumps(meta)})
-        finally:
-            if plain.exists(): plain.unlink()
-    return atomic_write(path, write)
+    return model.save(path, extra_metadata={PIPELINE_META: json.dumps(meta)})
 
 def pipeline_info(path) -> dict:
     "The pipeline metadata of a model file ({} for a model saved by plain `Detector.save`)."

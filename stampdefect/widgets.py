@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import ipywidgets as W
 from scipy import ndimage as ndi
 from .core import Prediction, check_images
-from .cli import overlay
+from .pipeline import overlay
 
 # %% auto #0
 __all__ = ['CONTOUR_RGB', 'RESAMPLED_RGB', 'as_image_list', 'map_to_image_size', 'fit_width', 'outline', 'render_overlay',
@@ -66,7 +66,7 @@ CONTOUR_RGB = (255, 0, 255)   # magenta: not a colour of the 'jet' heat scale
 
 def render_overlay(image, amap: np.ndarray, opacity: float = 0.5, threshold: float | None = None,
                    contour_rgb: tuple[int, int, int] = CONTOUR_RGB) -> np.ndarray:
-    """One frame of the heatmap viewer: `stampdefect.cli.overlay` of `amap` over `image` at `opacity`, plus the
+    """One frame of the heatmap viewer: `stampdefect.pipeline.overlay` of `amap` over `image` at `opacity`, plus the
     outline of the regions where `amap > threshold`.
     image: (C, H, W) float in [0, 1]; amap: (H, W) float; opacity in [0, 1] (0: the photo alone, no heat, no
     outline); threshold: None draws no outline and scales the heat by the map's max. Returns (H, W, 3) uint8."""

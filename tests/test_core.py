@@ -117,3 +117,14 @@ def test_iter_batches_numpy_and_mixed():
     assert [b.shape[0] for b in iter_batches(np.random.rand(5, 1, 4, 4).astype(np.float32), 2)] == [2, 2, 1]
     batches = list(iter_batches([torch.rand(3, 4, 4), torch.rand(2, 3, 4, 4)], 4))
     assert [b.shape[0] for b in batches] == [1, 2]
+
+
+def test_save_with_extra_metadata(fitted, tmp_path):
+    from safetensors import safe_open
+    fitted, _ = fitted
+    p = fitted.save(tmp_path / 'm.sdm', extra_metadata={'my_app': '{"line": 3}'})
+    with safe_open(str(p), framework='pt') as f: assert f.metadata()['my_app'] == '{"line": 3}'
+    assert Detector.load(p).threshold == fitted.threshold
+    with pytest.raises(ValueError, match='must not replace'): fitted.save(tmp_path / 'n.sdm', extra_metadata={'method': 'x'})
+    with pytest.raises(TypeError, match='strings'): fitted.save(tmp_path / 'n.sdm', extra_metadata={'k': 1})
+    assert not (tmp_path / 'n.sdm').exists()
