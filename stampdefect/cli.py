@@ -6,13 +6,13 @@ Docs: https://stampdefect.github.io/stampdefect/cli.html.md"""
 
 # %% ../nbs/21_cli.ipynb #17eab21f
 from __future__ import annotations
-import argparse, csv, dataclasses, html, io, json, os, re, resource, sys, time, warnings, base64
+import argparse, csv, dataclasses, html, json, os, re, resource, sys, time, base64
 from pathlib import Path
 import numpy as np
 import torch
 
-from .core import Detector, Prediction, get_detector, atomic_write, REGISTRY, _import_builtin_methods
-from .pipeline import (overlay, inspect_panel, save_pipeline, load_pipeline, check_sizes, calibrate_thresholds,
+from .core import Detector, get_detector, atomic_write, REGISTRY, _import_builtin_methods
+from .pipeline import (inspect_panel, save_pipeline, load_pipeline, check_sizes, calibrate_thresholds,
                                   torch_threads, ON_ALIGN_FAILURE)
 
 # %% auto #0

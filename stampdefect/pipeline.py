@@ -8,15 +8,14 @@ Docs: https://stampdefect.github.io/stampdefect/pipeline.html.md"""
 # %% ../nbs/20_pipeline.ipynb #464e4f2d
 from __future__ import annotations
 import contextlib, functools, json, time
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
-from .core import Detector, atomic_write
-from .alignment import Aligner, AlignerConfig, STNConfig, AlignResult, as_image
+from .core import Detector
+from .alignment import Aligner, AlignerConfig, STNConfig, as_image
 from .bench import register_bench, report, PeakRSS
 
 # %% auto #0

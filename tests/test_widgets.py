@@ -11,7 +11,7 @@ import ipywidgets as W
 from PIL import Image
 
 from stampdefect.core import Prediction
-from stampdefect.cli import overlay
+from stampdefect.pipeline import overlay
 from stampdefect.widgets import (CONTOUR_RGB, RESAMPLED_RGB, HeatmapViewer, LatentExplorer, StaticHeatmapViewer,
                                  decision_text, embed_html, explorer_state, fit_width, heatmap_viewer,
                                  latent_explorer, outline, render_codes, render_nll, render_overlay)
