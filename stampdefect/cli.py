@@ -114,10 +114,11 @@ def _fit_aligner(aligner, named: list, quiet: bool = True) -> list[torch.Tensor]
     return out
 
 def _fit_kwargs(det: Detector, **options) -> dict:
-    "The options that `det.fit` accepts (methods differ: PatchCore batches its feature pass, trained methods show progress)."
+    """The options that `det.fit` accepts (methods differ: PatchCore batches its feature pass, trained methods show
+    progress); an option left at None keeps the method's own default."""
     import inspect
     params = inspect.signature(det.fit).parameters
-    return {k: v for k, v in options.items() if k in params}
+    return {k: v for k, v in options.items() if k in params and v is not None}
 
 def cmd_fit(args) -> int:
     "Fit a method (optionally on aligned, tiled panels) on normal images and save it with its thresholds."
@@ -358,7 +359,7 @@ def cmd_demo(args) -> int:
     tile = args.tile if args.tile is not None else (128 if has_tiles else None)
     stride = args.stride if args.stride is not None or tile is None else tile // 2
     fit_args = argparse.Namespace(method=args.method, data=str(root), out=str(model_path), config=None, set=args.set,
-                                  size=None, channels=3, calib_fraction=0.25, quantile=1.0, seed=0, batch_size=4,
+                                  size=None, channels=3, calib_fraction=0.25, quantile=1.0, seed=0, batch_size=None,
                                   align=args.align, align_steps=args.align_steps, tile=tile, stride=stride, quiet=True)
     shipped = None if (args.refit or args.data or args.set) else shipped_model(args.method)
     t0 = time.perf_counter()
@@ -406,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument('--channels', type=int, default=3, choices=(1, 3))
     f.add_argument('--calib-fraction', type=float, default=0.2, help='fraction of normal images held out to set the threshold')
     f.add_argument('--quantile', type=float, default=0.99, help='quantile of held-out normal scores used as threshold')
-    f.add_argument('--batch-size', type=int, default=8)
+    f.add_argument('--batch-size', type=int, default=None, help="images per feature pass (default: the method's; PatchCore: 1)")
     f.add_argument('--seed', type=int, default=0)
     f.add_argument('--align', metavar='classical|SAM_CHECKPOINT', default=None,
                    help="align raw panel photos to a template first: 'classical' masks, or the path of a Segment Anything checkpoint")
