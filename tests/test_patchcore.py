@@ -132,6 +132,16 @@ def test_subsampling_is_seeded(data, fitted):
     assert full.bank.shape[0] == fitted.bank.shape[0]               # the ratio counts patches seen, not kept
 
 
+
+def test_batch_size_changes_only_rounding(data, fitted):
+    """fit streams one image per feature pass by default; other batch sizes see the same images and the same seeded
+    subsample, so the bank and the scores agree up to the backbone's float rounding, which depends on the batch."""
+    for bs in (3, 10):
+        det = PatchCore(PatchCoreConfig(image_size=None, coreset_ratio=0.1)).fit(data[0], batch_size=bs)
+        assert det.fit_stats['features_kept'] == fitted.fit_stats['features_kept']
+        assert det.bank.shape == fitted.bank.shape
+        np.testing.assert_allclose(det.predict(data[2]).scores, fitted.predict(data[2]).scores, rtol=1e-4)
+
 def test_streams_generators_and_grows_buffer(data):
     gen = (x for x in data[0].split(3))                                # unknown length: the buffer grows
     det = PatchCore(PatchCoreConfig(image_size=None)).fit(gen)
