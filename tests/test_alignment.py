@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from stampdefect.alignment import (
-    ALIGN_METHODS, Aligner, AlignerConfig, STN, STNConfig, TINY_SAM, IDENTITY_THETA, apply_affine, as_image,
+    Aligner, AlignerConfig, STN, STNConfig, TINY_SAM, IDENTITY_THETA, apply_affine, as_image,
     build_sam, classical_mask, corner_error, direct_align, fill_holes, invert_matrix, load_sam, pixel_matrix_to_theta,
     sam_config_from_state_dict, sam_mask, soft_edges, theta_to_pixel_matrix, transform_points, warp)
 

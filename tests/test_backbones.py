@@ -7,7 +7,7 @@ import torchvision
 from skimage import data as skdata, transform as sktransform
 
 from stampdefect.backbones import (BACKBONES, IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD, Conv2dSame,
-                                   EfficientNetLite0, FeatureExtractor, bench_backbone, efficientnet_lite0,
+                                   EfficientNetLite0, bench_backbone, efficientnet_lite0,
                                    get_backbone, load_state_dict_file, shipped_weights_path, tf_same_padding)
 
 CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat

@@ -7,7 +7,7 @@ import torch
 from scipy.ndimage import label
 from sklearn.metrics import (roc_auc_score, average_precision_score, precision_recall_curve, f1_score,
                              jaccard_score)
-from stampdefect.metrics import (image_auroc, image_aupr, f1_max, image_counts, pixel_counts, pixel_auroc,
+from stampdefect.metrics import (image_auroc, image_aupr, f1_max, pixel_counts, pixel_auroc,
                                  pixel_aupr, pro_auc, pro_auc_reference, pixel_confusion, pixel_iou, pixel_f1,
                                  threshold_from_normal, evaluate, synthetic_maps, bench_metrics, DEFAULT_BINS)
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from stampdefect.core import Detector, get_detector
 from stampdefect.models.mna import (ARPrior, ARPriorConfig, MNA, MNAConfig, MNADetector, MNAPrior, MNAPriorConfig, RSU,
-                                    VQVAEARDetector, code_nll, crack_map, latent_coords, mna_shifts, replacement_codes)
+                                    code_nll, crack_map, latent_coords, mna_shifts, replacement_codes)
 
 TINY = dict(n_codes=16, code_dim=8, u2net='small', width=0.25, side_channels=8, head_channels=16)
 

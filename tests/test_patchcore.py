@@ -1,6 +1,5 @@
 """Tests of stampdefect.models.patchcore: fit/predict, scores, eq. 7, persistence, tiling, position-aware banks,
 bad input, and a Magnetic Tile smoke test (skipped when the dataset is absent)."""
-import dataclasses
 
 import numpy as np
 import pytest

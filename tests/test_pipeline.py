@@ -1,12 +1,11 @@
 """The inspection pipeline: report contents, regions, alignment failures, mapping back to the photo, sizes, bench."""
 import dataclasses, io, json, os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from stampdefect.core import Detector, Prediction, ReferenceDetector, register_detector
+from stampdefect.core import Detector, Prediction, ReferenceDetector
 from stampdefect.alignment import Aligner, AlignerConfig, STNConfig, AlignResult
 from stampdefect.synthetic import SAMPLE_CONFIG, render_panel
 from stampdefect.pipeline import (find_regions, inspect_panel, check_sizes, save_pipeline, load_pipeline, aligner_path,

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from stampdefect.tiling import (tile_origins, tile, stitch, blend_window, array_backend, WINDOW_FLOOR, bench_tiling,
-                                _stitch_plan, _stitch_kernel, _tile_kernel)
+from stampdefect.tiling import (tile_origins, tile, stitch, blend_window, array_backend, WINDOW_FLOOR, bench_tiling)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,5 @@
 """The shared training loop: determinism, exact resume from weights-only checkpoints, AMP policy, bad input."""
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest

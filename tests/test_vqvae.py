@@ -1,7 +1,6 @@
 """VQ-VAE: shapes, the EMA codebook update, dead-code restarts, straight-through gradients, the loss, save/load."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from stampdefect.models.vqvae import (EMACodebook, PerceptualLoss, VQVAE, VQVAEConfig, code_usage, fit_vqvae, load_vqvae,
                                       perplexity, save_vqvae)
