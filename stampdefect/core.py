@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses, json, os, tempfile
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator
+from typing import ClassVar, Iterator
 import numpy as np
 import torch
 

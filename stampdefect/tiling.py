@@ -105,7 +105,7 @@ def _cuda_kernels():
         # order as the CPU kernel, so both give the same float64 sums
         x, y = _cuda.grid(2)
         nc, H, W = out.shape
-        th, tw = maps.shape[2], maps.shape[3]
+        tw = maps.shape[3]
         if y >= H or x >= W: return
         for ch in range(nc):
             acc = float64(0.0); wsum = float64(0.0); best = -math.inf

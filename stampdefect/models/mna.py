@@ -9,7 +9,7 @@ Docs: https://stampdefect.github.io/stampdefect/mna_prior.html.md"""
 # %% ../../nbs/12_mna_prior.ipynb #5b89dab3
 from __future__ import annotations
 import math, time
-from dataclasses import dataclass, asdict, field, fields
+from dataclasses import dataclass, asdict, field
 from pathlib import Path
 from typing import ClassVar, Sequence
 import numpy as np

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json, math
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 import numpy as np
 import torch
 import torch.nn as nn
