@@ -64,14 +64,18 @@ def _parse_config(args) -> dict:
         except json.JSONDecodeError: cfg[k] = v
     return cfg
 
+def _config_options(method: str) -> set[str]:
+    "The option names of `method`'s config dataclass (ValueError naming the available methods if it is unknown)."
+    _import_builtin_methods()
+    if method not in REGISTRY: raise ValueError(f"unknown method {method!r}; available: {sorted(REGISTRY)}")
+    return {f.name for f in dataclasses.fields(REGISTRY[method].Config)}
+
 def _tile_config(method: str, tile: int | None, stride: int | None) -> dict:
     "Config overrides of --tile/--stride: tiled mode at full resolution, for any method whose config has tile_size."
     if tile is None:
         if stride is not None: raise ValueError("--stride needs --tile SIZE")
         return {}
-    _import_builtin_methods()
-    if method not in REGISTRY: raise ValueError(f"unknown method {method!r}; available: {sorted(REGISTRY)}")
-    names = {f.name for f in dataclasses.fields(REGISTRY[method].Config)}
+    names = _config_options(method)
     if 'tile_size' not in names: raise ValueError(f"--tile: method {method!r} has no tiled mode (its config has no tile_size option)")
     if tile < 1 or (stride is not None and not 1 <= stride <= tile):
         raise ValueError(f"--tile must be >= 1 and --stride between 1 and --tile, got --tile {tile} --stride {stride}")
@@ -355,7 +359,7 @@ def cmd_demo(args) -> int:
         return 0
     out = _check_writable_dir(Path(args.out), '--out folder')
     model_path = out / f'{args.method}.sdm'
-    has_tiles = 'tile_size' in {f.name for f in dataclasses.fields(REGISTRY[args.method].Config)}
+    has_tiles = 'tile_size' in _config_options(args.method)
     tile = args.tile if args.tile is not None else (128 if has_tiles else None)
     stride = args.stride if args.stride is not None or tile is None else tile // 2
     fit_args = argparse.Namespace(method=args.method, data=str(root), out=str(model_path), config=None, set=args.set,
@@ -432,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser('evaluate', help='metrics of a saved model on a labelled set', description='Image AUROC, AUPR, F1-max, pixel AUROC, PRO-AUC, IoU at the stored threshold, images/s and peak memory on an MVTec-layout test split.')
     e.add_argument('model'); e.add_argument('--data', required=True, help='MVTec-layout folder with test/ and ground_truth/')
     e.add_argument('--json', action='store_true', help='one JSON object instead of a table')
-    e.add_argument('--batch-size', type=int, default=8); e.add_argument('--quiet', action='store_true')
+    e.add_argument('--batch-size', type=int, default=8, help='unused: photos are inspected one at a time (kept so older scripts still run)')
+    e.add_argument('--quiet', action='store_true')
     e.add_argument('--binarize-masks', action='store_true', help='threshold anti-aliased ground-truth masks at 128 instead of refusing them')
     e.add_argument('--align', metavar='classical|SAM_CHECKPOINT', default=None,
                    help='models fitted with --align are aligned automatically; give the SAM checkpoint here if they used SAM masks')

@@ -20,8 +20,8 @@ from .bench import register_bench, report, PeakRSS
 
 # %% auto #0
 __all__ = ['ON_ALIGN_FAILURE', 'PIPELINE_META', 'overlay', 'Region', 'find_regions', 'PanelReport', 'time_methods',
-           'torch_threads', 'inspect_panel', 'calibrate_thresholds', 'check_sizes', 'aligner_path', 'save_pipeline',
-           'pipeline_info', 'load_pipeline', 'panel_stages', 'bench_panel']
+           'torch_threads', 'map_to_image_size', 'inspect_panel', 'calibrate_thresholds', 'check_sizes', 'aligner_path',
+           'save_pipeline', 'pipeline_info', 'load_pipeline', 'panel_stages', 'bench_panel']
 
 # %% ../nbs/20_pipeline.ipynb #56a3cf6c
 @functools.lru_cache(maxsize=4)
@@ -147,10 +147,11 @@ def torch_threads(n: int | None):
 # %% ../nbs/20_pipeline.ipynb #74cdf495
 ON_ALIGN_FAILURE = ('report', 'inspect_unaligned')
 
-def _resize_map(amap: np.ndarray, hw: tuple) -> np.ndarray:
-    if tuple(amap.shape) == tuple(hw): return amap
-    return F.interpolate(torch.from_numpy(np.ascontiguousarray(amap))[None, None], size=tuple(hw), mode='bilinear',
-                         align_corners=False)[0, 0].numpy()
+def map_to_image_size(amap: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    "Bilinearly resize an anomaly map (h, w) float to `hw` (detectors that resize their input return smaller maps)."
+    amap = np.ascontiguousarray(amap, dtype=np.float32)
+    if amap.shape == tuple(hw): return amap
+    return F.interpolate(torch.from_numpy(amap)[None, None], size=tuple(hw), mode='bilinear', align_corners=False)[0, 0].numpy()
 
 def inspect_panel(photo, model: Detector, aligner: Aligner | None = None, on_align_failure: str = 'report',
                   pixel_threshold: float | None = None, min_area: int = 1, size: int | None = None,
@@ -194,7 +195,7 @@ def inspect_panel(photo, model: Detector, aligner: Aligner | None = None, on_ali
         raise ValueError(f"{name}: {e}") from None
     secs['detect'] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    score, amap = float(pred.scores[0]), _resize_map(pred.maps[0], tuple(panel.shape[1:]))
+    score, amap = float(pred.scores[0]), map_to_image_size(pred.maps[0], tuple(panel.shape[1:]))
     if aligned: amap = res.to_photo(torch.from_numpy(np.ascontiguousarray(amap))).numpy()
     amap = amap.astype(np.float32, copy=False)
     thr = model.threshold

@@ -16,13 +16,13 @@ import torch.nn.functional as F
 import ipywidgets as W
 from scipy import ndimage as ndi
 from .core import Prediction, check_images
-from .pipeline import overlay
+from .pipeline import overlay, map_to_image_size
 
 # %% auto #0
-__all__ = ['CONTOUR_RGB', 'RESAMPLED_RGB', 'as_image_list', 'map_to_image_size', 'fit_width', 'outline', 'render_overlay',
-           'encode_image', 'decision_text', 'HeatmapViewer', 'StaticHeatmapViewer', 'embed_html', 'heatmap_viewer',
-           'explorer_state', 'upscale_nearest', 'render_codes', 'render_nll', 'render_patch', 'LatentExplorer',
-           'latent_explorer', 'latent_explorer_for']
+__all__ = ['CONTOUR_RGB', 'RESAMPLED_RGB', 'as_image_list', 'fit_width', 'outline', 'render_overlay', 'encode_image',
+           'decision_text', 'HeatmapViewer', 'StaticHeatmapViewer', 'embed_html', 'heatmap_viewer', 'explorer_state',
+           'upscale_nearest', 'render_codes', 'render_nll', 'render_patch', 'LatentExplorer', 'latent_explorer',
+           'latent_explorer_for']
 
 # %% ../nbs/30_widgets.ipynb #69fa3da9
 def as_image_list(images, name: str = 'images') -> list[torch.Tensor]:
@@ -38,12 +38,6 @@ def as_image_list(images, name: str = 'images') -> list[torch.Tensor]:
         if x.ndim != 3: raise ValueError(f"{name}[{i}]: expected one (C, H, W) image, got shape {tuple(x.shape)}")
         out.append(check_images(x, f"{name}[{i}]")[0])
     return out
-
-def map_to_image_size(amap: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    "Bilinearly resize an anomaly map (h, w) float to `hw` (detectors that resize their input return smaller maps)."
-    amap = np.asarray(amap, dtype=np.float32)
-    if amap.shape == tuple(hw): return amap
-    return F.interpolate(torch.from_numpy(amap)[None, None], size=tuple(hw), mode='bilinear', align_corners=False)[0, 0].numpy()
 
 def fit_width(image: torch.Tensor, amap: np.ndarray, max_width: int | None) -> tuple[torch.Tensor, np.ndarray]:
     """Shrink `image` (C, H, W) and its map (H, W) to at most `max_width` pixels wide, keeping the aspect ratio.
