@@ -6,7 +6,7 @@ Docs: https://stampdefect.github.io/stampdefect/core.html.md"""
 
 # %% ../nbs/06_core.ipynb #4e022238
 from __future__ import annotations
-import dataclasses, json, os, tempfile
+import dataclasses, hashlib, json, os, tempfile
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import ClassVar, Iterator
@@ -15,7 +15,7 @@ import torch
 
 # %% auto #0
 __all__ = ['REGISTRY', 'FORMAT_NAME', 'FORMAT_VERSION', 'Prediction', 'check_images', 'iter_batches', 'register_detector',
-           'get_detector', 'Detector', 'atomic_write', 'ReferenceConfig', 'ReferenceDetector']
+           'get_detector', 'Detector', 'atomic_write', 'file_sha256', 'ReferenceConfig', 'ReferenceDetector']
 
 # %% ../nbs/06_core.ipynb #1b2e1529
 @dataclass
@@ -195,6 +195,13 @@ def atomic_write(path, write_fn) -> Path:
         if os.path.exists(tmp): os.unlink(tmp)
         raise
     return path
+
+def file_sha256(path) -> str:
+    "Hex SHA-256 of a file's bytes, read in 1 MB blocks (weights and aligner files are checked against it)."
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
+    return h.hexdigest()
 
 def _save(self, path, extra_metadata: dict[str, str] | None = None) -> Path:
     """Save this fitted detector to one safetensors file (atomic). extra_metadata: more string entries for the

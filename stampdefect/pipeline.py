@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
-from .core import Detector
+from .core import Detector, file_sha256
 from .alignment import Aligner, AlignerConfig, STNConfig, as_image
 from .bench import register_bench, report, PeakRSS
 
@@ -241,9 +241,6 @@ def aligner_path(model_path) -> Path:
     p = Path(model_path)
     return p.with_name(p.name + '.aligner')
 
-def _sha256(path) -> str:
-    import hashlib
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 def save_pipeline(path, model: Detector, aligner: Aligner | None = None, info: dict | None = None) -> Path:
     """Save a fitted `model` to `path` (its usual safetensors file) and, if given, `aligner` to aligner_path(path);
@@ -252,7 +249,7 @@ def save_pipeline(path, model: Detector, aligner: Aligner | None = None, info: d
     meta = dict(info or {}, version=1, aligner_file=None)
     if aligner is not None:
         ap = aligner.save(aligner_path(path))
-        meta.update(aligner_file=ap.name, aligner_sha256=_sha256(ap), mask_method=aligner.config.mask_method)
+        meta.update(aligner_file=ap.name, aligner_sha256=file_sha256(ap), mask_method=aligner.config.mask_method)
     return model.save(path, extra_metadata={PIPELINE_META: json.dumps(meta)})
 
 def pipeline_info(path) -> dict:
@@ -275,7 +272,7 @@ def load_pipeline(path, sam=None) -> tuple[Detector, Aligner | None, dict]:
     ap = Path(path).with_name(info['aligner_file'])
     if not ap.is_file():
         raise FileNotFoundError(f"{path} was fitted on aligned panels but its aligner file {ap} is missing; keep the two files together or refit")
-    if _sha256(ap) != info.get('aligner_sha256'):
+    if file_sha256(ap) != info.get('aligner_sha256'):
         raise ValueError(f"{ap} is not the aligner {path} was fitted with (checksum differs); keep the two files together or refit")
     if info.get('mask_method') == 'sam' and sam is None:
         raise ValueError(f"{path} was fitted with SAM masks: pass the SAM checkpoint (--align PATH_TO_SAM_CHECKPOINT)")

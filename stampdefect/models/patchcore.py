@@ -7,14 +7,14 @@ Docs: https://stampdefect.github.io/stampdefect/patchcore.html.md"""
 
 # %% ../../nbs/10_patchcore.ipynb #802236fd
 from __future__ import annotations
-import hashlib, math, time
+import math, time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from ..core import Detector, Prediction, register_detector, check_images, iter_batches
+from ..core import Detector, Prediction, register_detector, check_images, iter_batches, file_sha256
 from ..backbones import get_backbone
 from ..kernels import knn, greedy_coreset
 from ..tiling import tile, stitch
@@ -164,12 +164,6 @@ def _extractor(name: str, weights: str | None, layers: tuple[str, ...]):
     "Frozen feature extractor, shared by every detector with the same backbone (it is never modified)."
     return get_backbone(name, weights, layers)
 
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
-    return h.hexdigest()
-
 def _n_images(data) -> int | None:
     "How many images `data` holds, when that is known without reading them (tensors, lists, datasets)."
     if isinstance(data, (torch.Tensor, np.ndarray)): return 1 if data.ndim == 3 else len(data)
@@ -211,7 +205,7 @@ class PatchCore(Detector):
         c = self.config
         if c.weights is not None:
             if not Path(c.weights).is_file(): raise FileNotFoundError(f"backbone weights file {c.weights} does not exist")
-            digest = _sha256(c.weights)
+            digest = file_sha256(c.weights)
             if self.weights_sha256 is None: self.weights_sha256 = digest
             elif digest != self.weights_sha256:
                 raise ValueError(f"backbone weights file {c.weights} changed since the model was fitted "
