@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
-from .core import atomic_write
+from .core import atomic_write, read_safetensors
 from .training import train, History
 from .bench import register_bench, measure, report
 
@@ -779,14 +779,7 @@ class Aligner:
     @classmethod
     def load(cls, path, sam=None) -> 'Aligner':
         "Load an aligner written by `save`; refuses other files and versions."
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-        path = Path(path)
-        if not path.is_file(): raise FileNotFoundError(f"aligner file not found: {path}")
-        try:
-            with safe_open(str(path), framework='pt') as f: meta = f.metadata() or {}
-            tensors = load_file(str(path))
-        except Exception as e: raise ValueError(f"{path} is not an aligner file (not readable as safetensors: {e})") from None
+        meta, tensors = read_safetensors(path, 'aligner file', 'an aligner file')
         if meta.get('format') != cls.FORMAT: raise ValueError(f"{path} is not an aligner file (format {meta.get('format')!r})")
         if meta.get('format_version') != str(cls.VERSION): raise ValueError(f"{path} has aligner format version {meta.get('format_version')}; this stampdefect reads {cls.VERSION}")
         try: st = {'tensors': tensors, 'config': json.loads(meta['config']), 'extra': json.loads(meta['extra'])}

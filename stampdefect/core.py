@@ -15,7 +15,8 @@ import torch
 
 # %% auto #0
 __all__ = ['REGISTRY', 'FORMAT_NAME', 'FORMAT_VERSION', 'Prediction', 'check_images', 'iter_batches', 'register_detector',
-           'get_detector', 'Detector', 'atomic_write', 'file_sha256', 'ReferenceConfig', 'ReferenceDetector']
+           'get_detector', 'Detector', 'atomic_write', 'read_safetensors', 'file_sha256', 'ReferenceConfig',
+           'ReferenceDetector']
 
 # %% ../nbs/06_core.ipynb #1b2e1529
 @dataclass
@@ -196,6 +197,21 @@ def atomic_write(path, write_fn) -> Path:
         raise
     return path
 
+def read_safetensors(path, kind: str, what: str, load_tensors: bool = True, device: str = 'cpu') -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file, never unpickling; tensors is {} when load_tensors=False (metadata
+    only). The messages name the file: FileNotFoundError '<kind> not found: <path>' when it is missing ('model
+    file'), ValueError '<path> is not <what> (...)' when it is not readable as safetensors ('a stampdefect model file')."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"{kind} not found: {path}")
+    try:
+        with safe_open(str(path), framework='pt') as f: meta = f.metadata() or {}
+        tensors = load_file(str(path), device=str(device)) if load_tensors else {}
+    except Exception as e:
+        raise ValueError(f"{path} is not {what} (not a readable safetensors file: {type(e).__name__}: {e})") from None
+    return meta, tensors
+
 def file_sha256(path) -> str:
     "Hex SHA-256 of a file's bytes, read in 1 MB blocks (weights and aligner files are checked against it)."
     h = hashlib.sha256()
@@ -220,15 +236,8 @@ def _save(self, path, extra_metadata: dict[str, str] | None = None) -> Path:
 
 def _load(cls, path) -> 'Detector':
     "Load a detector saved by `save`; refuses unknown formats and versions; never unpickles."
-    from safetensors import safe_open
-    from safetensors.torch import load_file
     path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"model file not found: {path}")
-    try:
-        with safe_open(str(path), framework='pt') as f: meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except Exception as e:
-        raise ValueError(f"{path} is not a stampdefect model file (not a readable safetensors file: {e})") from None
+    meta, tensors = read_safetensors(path, 'model file', 'a stampdefect model file')
     if meta.get('format') != FORMAT_NAME: raise ValueError(f"{path} is not a stampdefect model file (format {meta.get('format')!r})")
     version = int(meta.get('format_version', -1))
     if version != FORMAT_VERSION:

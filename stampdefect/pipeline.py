@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
-from .core import Detector, file_sha256
+from .core import Detector, file_sha256, read_safetensors
 from .alignment import Aligner, AlignerConfig, STNConfig, as_image
 from .bench import register_bench, report, PeakRSS
 
@@ -254,12 +254,7 @@ def save_pipeline(path, model: Detector, aligner: Aligner | None = None, info: d
 
 def pipeline_info(path) -> dict:
     "The pipeline metadata of a model file ({} for a model saved by plain `Detector.save`)."
-    from safetensors import safe_open
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"model file not found: {path}")
-    try:
-        with safe_open(str(path), framework='pt') as f: m = f.metadata() or {}
-    except Exception as e: raise ValueError(f"{path} is not a stampdefect model file (not a readable safetensors file: {e})") from None
+    m, _ = read_safetensors(path, 'model file', 'a stampdefect model file', load_tensors=False)
     try: return json.loads(m.get(PIPELINE_META, '{}'))
     except json.JSONDecodeError as e: raise ValueError(f"{path}: corrupt pipeline metadata ({e})") from None
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from ..core import atomic_write, check_images, iter_batches
+from ..core import atomic_write, check_images, iter_batches, read_safetensors
 from ..training import History, random_crops, train
 
 # %% auto #0
@@ -340,15 +340,7 @@ def save_vqvae(model: VQVAE, path: str | Path) -> Path:
 
 def load_vqvae(path: str | Path, device: str | torch.device = 'cpu') -> VQVAE:
     "Read a VQ-VAE written by `save_vqvae` (no unpickling) in eval mode."
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"VQ-VAE file {path} does not exist")
-    try:
-        with safe_open(str(path), framework='pt') as f: meta = f.metadata() or {}
-        tensors = load_file(str(path), device=str(device))
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+    meta, tensors = read_safetensors(path, 'VQ-VAE file', 'a stampdefect VQ-VAE file', device=device)
     if meta.get('format') != VQVAE_FORMAT: raise ValueError(f"{path} is not a stampdefect VQ-VAE file (format {meta.get('format')!r})")
     if meta.get('version') != str(VQVAE_VERSION): raise ValueError(f"{path} has VQ-VAE format version {meta.get('version')}, this stampdefect reads {VQVAE_VERSION}")
     cfg = json.loads(meta['config'])
