@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 from .core import atomic_write, read_safetensors
+from .ops import pick_device
 from .training import train, History
 from .bench import register_bench, measure, report
 
@@ -335,7 +336,7 @@ def sam_mask(image, checkpoint, mode: str = 'box', model_type: str | SamConfig =
         p = Path(checkpoint)
         if not p.is_file(): raise FileNotFoundError(f"SAM checkpoint not found: {p}. {SAM_CHECKPOINT_HELP}")
         st = p.stat()
-        dev = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+        dev = pick_device(device)
         sam = _cached_sam(str(p.resolve()), st.st_mtime, st.st_size, model_type, str(dev))
     rgb = _sam_uint8(image)
     H, W = rgb.shape[:2]

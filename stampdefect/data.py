@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 # %% auto #0
 __all__ = ['IMAGE_EXTENSIONS', 'MASK_SUFFIX', 'ImageReadError', 'ImageNotFoundError', 'MaskError', 'BadFilesWarning',
            'load_image', 'load_mask', 'list_images', 'find_mask', 'Sample', 'resize_image', 'resize_mask',
-           'FolderDataset', 'collate_items', 'iter_batches', 'magnetic_tile_dir']
+           'FolderDataset', 'collate_items', 'iter_item_batches', 'magnetic_tile_dir']
 
 # %% ../nbs/00_data.ipynb #5de465e6
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
@@ -390,7 +390,7 @@ def collate_items(items: Sequence[dict]) -> dict:
     if 'label' in batch: batch['label'] = torch.as_tensor(batch['label'], dtype=torch.int64)
     return batch
 
-def iter_batches(data, batch_size: int, num_workers: int = 0) -> Iterator[dict]:
+def iter_item_batches(data, batch_size: int, num_workers: int = 0) -> Iterator[dict]:
     """Yield batches of `batch_size` items in dataset order (the last may be smaller), stacked by `collate_items`.
 
     `data`: a dataset of item dicts (e.g. `FolderDataset`) or an (N, C, H, W) tensor (yields `{'image': chunk}`).
@@ -400,7 +400,7 @@ def iter_batches(data, batch_size: int, num_workers: int = 0) -> Iterator[dict]:
     if not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
     if torch.is_tensor(data):
-        if data.ndim != 4: raise ValueError(f"a tensor given to iter_batches must be (N, C, H, W), got shape {tuple(data.shape)}")
+        if data.ndim != 4: raise ValueError(f"a tensor given to iter_item_batches must be (N, C, H, W), got shape {tuple(data.shape)}")
         return (({'image': data[start:start + batch_size]}) for start in range(0, len(data), batch_size))
     if num_workers == 0:
         return (collate_items([data[i] for i in range(start, min(start + batch_size, len(data)))])

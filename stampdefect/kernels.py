@@ -11,40 +11,25 @@ import functools, math, os, time
 import numpy as np
 import numba
 from numba import njit, prange
-from .bench import register_bench, measure, report
+from .ops import array_backend, get_cupy, get_numba_cuda
+from .bench import register_bench, measure, report, release_free_memory
 
 # %% auto #0
-__all__ = ['cuda', 'knn', 'greedy_coreset', 'greedy_coreset_torch', 'bench_knn', 'bench_coreset']
+__all__ = ['knn', 'torch_chunked_knn', 'greedy_coreset', 'greedy_coreset_torch', 'bench_knn', 'bench_coreset']
 
 # %% ../nbs/03_kernels.ipynb #04891ac1
-def _array_kind(x) -> str:
-    "'numpy', 'torch_cpu', 'torch_cuda' or 'cupy', from the type of `x` (anything else is treated as array-like)."
-    mod = type(x).__module__
-    if mod.startswith('cupy'): return 'cupy'
-    if mod.startswith('torch') and hasattr(x, 'is_cuda'): return 'torch_cuda' if x.is_cuda else 'torch_cpu'
-    return 'numpy'
-
-def _cupy():
-    "Import CuPy lazily, with an actionable error when it is missing."
-    try:
-        import cupy
-    except ImportError as e:
-        raise ImportError("the GPU path needs CuPy: pip install 'stampdefect[gpu]' (CUDA 12) or "
-                          "'stampdefect[gpu13]' (CUDA 13)") from e
-    return cupy
-
 _FLOATS = ('float16', 'float32', 'float64')
 
 def _as_backend(x, name: str):
     "View `x` as a NumPy array (CPU) or CuPy array (GPU) without copying; returns (array, kind)."
-    kind = _array_kind(x)
-    if kind == 'torch_cpu' or kind == 'torch_cuda':
+    kind = array_backend(x, array_like=True)
+    if kind == 'torch' or kind == 'torch_cuda':
         dt = str(x.dtype).replace('torch.', '')
         if dt not in _FLOATS:
             raise TypeError(f"{name} must be a floating-point tensor (float16/32/64), got {x.dtype}; "
                             f"convert it with .float() if that is what you mean")
         x = x.detach()
-        return (x.numpy() if kind == 'torch_cpu' else _cupy().from_dlpack(x)), kind
+        return (x.numpy() if kind == 'torch' else get_cupy().from_dlpack(x)), kind
     if kind == 'numpy' and not isinstance(x, np.ndarray): x = np.asarray(x)
     if x.dtype.name not in _FLOATS:
         raise TypeError(f"{name} must be a floating-point array (float16/32/64), got dtype {x.dtype}; integer "
@@ -53,7 +38,7 @@ def _as_backend(x, name: str):
 
 def _wrap_like(arr, kind: str):
     "Return a NumPy/CuPy result as the kind of array the caller passed in."
-    if kind == 'torch_cpu':
+    if kind == 'torch':
         import torch
         return torch.from_numpy(arr)
     if kind == 'torch_cuda':
@@ -80,13 +65,13 @@ def _sq_norms_f32(x):
 def _f32_block(x):
     "A C-contiguous float32 version of a NumPy/CuPy block (a view when it already is one)."
     if type(x).__module__.startswith('cupy'):
-        return _cupy().ascontiguousarray(x, dtype=np.float32)
+        return get_cupy().ascontiguousarray(x, dtype=np.float32)
     return np.ascontiguousarray(x, dtype=np.float32)
 
 def _row_sq_norms(x, name: str):
     "Squared norms of the rows of `x` (NumPy or CuPy, (n, d) float) as float32; ValueError naming `name` on NaN/inf."
     gpu = type(x).__module__.startswith('cupy')
-    xp = _cupy() if gpu else np
+    xp = get_cupy() if gpu else np
     out = xp.empty(x.shape[0], dtype=np.float32)
     for s in range(0, x.shape[0], _NORM_BLOCK):
         blk = _f32_block(x[s:s + _NORM_BLOCK])
@@ -232,15 +217,13 @@ def _knn_cpu(queries, bank, k, chunk, block, threads, gemm):
 
 # %% ../nbs/03_kernels.ipynb #cfe80d78
 _GPU_MAX_K = 128
-cuda = None   # numba.cuda, imported on first GPU use (a module global, so the CUDA simulator can swap it)
+_cuda = None   # numba.cuda, bound on first GPU use: a module global, where the CUDA simulator swaps it (see ops)
 
 def _numba_cuda():
-    "Import numba.cuda on first use (0.2 s) and bind it as this module's global `cuda`."
-    global cuda
-    if cuda is None:
-        from numba import cuda as _cuda
-        cuda = _cuda
-    return cuda
+    "Bind numba.cuda (imported on first use) to this module's global `_cuda`, which the kernels below use."
+    global _cuda
+    if _cuda is None: _cuda = get_numba_cuda()
+    return _cuda
 
 def _gpu_threads_for_k(k: int) -> int:
     "Threads per block for the GPU top-k merge: keeps shared memory at threads*k*12 B <= 24 KiB."
@@ -252,12 +235,12 @@ def _cuda_topk_kernel(k: int, tpb: int):
     _numba_cuda()
     INF, BIG, SK = np.float32(np.inf), np.int64(2**62), tpb * k
 
-    @cuda.jit
+    @_cuda.jit
     def kernel(T, qn, bn, j0, top_d, top_i):
-        i = cuda.blockIdx.x                      # one query per block
-        t = cuda.threadIdx.x
-        ld = cuda.local.array(k, np.float32)
-        li = cuda.local.array(k, np.int64)
+        i = _cuda.blockIdx.x                      # one query per block
+        t = _cuda.threadIdx.x
+        ld = _cuda.local.array(k, np.float32)
+        li = _cuda.local.array(k, np.int64)
         for p in range(k):
             if t == 0:
                 ld[p] = top_d[i, p]; li[p] = top_i[i, p]
@@ -274,37 +257,37 @@ def _cuda_topk_kernel(k: int, tpb: int):
                     ld[p] = ld[p - 1]; li[p] = li[p - 1]; p -= 1
                 ld[p] = d; li[p] = j0 + j
             j += tpb
-        sd = cuda.shared.array(SK, np.float32)
-        si = cuda.shared.array(SK, np.int64)
-        rd = cuda.shared.array(tpb, np.float32)
-        ri = cuda.shared.array(tpb, np.int64)
-        rt = cuda.shared.array(tpb, np.int32)
+        sd = _cuda.shared.array(SK, np.float32)
+        si = _cuda.shared.array(SK, np.int64)
+        rd = _cuda.shared.array(tpb, np.float32)
+        ri = _cuda.shared.array(tpb, np.int64)
+        rt = _cuda.shared.array(tpb, np.int32)
         for p in range(k):
             sd[t * k + p] = ld[p]; si[t * k + p] = li[p]
         h = 0
-        cuda.syncthreads()
+        _cuda.syncthreads()
         for r in range(k):                       # k rounds of a block argmin over the list heads
             if h < k:
                 rd[t] = sd[t * k + h]; ri[t] = si[t * k + h]
             else:
                 rd[t] = INF; ri[t] = BIG
             rt[t] = t
-            cuda.syncthreads()
+            _cuda.syncthreads()
             s = tpb // 2
             while s > 0:
                 if t < s:
                     if rd[t + s] < rd[t] or (rd[t + s] == rd[t] and ri[t + s] < ri[t]):
                         rd[t] = rd[t + s]; ri[t] = ri[t + s]; rt[t] = rt[t + s]
-                cuda.syncthreads()
+                _cuda.syncthreads()
                 s //= 2
             if t == 0:
                 top_d[i, r] = rd[0]; top_i[i, r] = ri[0]
             if t == rt[0]: h += 1
-            cuda.syncthreads()
+            _cuda.syncthreads()
     return kernel
 
 def _knn_gpu(queries, bank, k, chunk, block):
-    cp = _cupy()
+    cp = get_cupy()
     if k > _GPU_MAX_K: raise ValueError(f"k={k} is above the GPU limit of {_GPU_MAX_K}; run on the CPU for larger k")
     nq, nbank = queries.shape[0], bank.shape[0]
     top_d = cp.full((nq, k), np.inf, dtype=cp.float32)
@@ -385,20 +368,31 @@ def _faiss_knn(q, b, k):
     index = faiss.IndexFlatL2(b.shape[1]); index.add(b)
     return index.search(q, k)
 
-def _torch_chunked_knn(q, b, k, chunk=1024):
-    "anomalib's search: per chunk of 1024 queries, ||x||^2 - 2 x y^T + ||y||^2, clamp, then min / topk."
+def torch_chunked_knn(queries, bank, k: int = 1, chunk_size: int = 1024, squared: bool = True):
+    """anomalib's nearest-neighbour search, the baseline `knn` is measured against: per chunk of `chunk_size` query
+    rows, |x|^2 - 2 x.y + |y|^2 in one matmul, clamped at 0, then min (k = 1) or top-k over the whole bank.
+    queries: (Q, D), bank: (M, D) float torch tensors or NumPy arrays (computed in float32 torch).
+    squared: True gives squared L2 distances (as `knn`), False Euclidean ones (a sqrt, as anomalib's PatchCore).
+    Returns (distances (Q, k) float32 ascending, indices (Q, k) int64) as torch tensors."""
     import torch
-    q, b = torch.as_tensor(q), torch.as_tensor(b)
-    out_d, out_i = [], []
-    for s in range(0, len(q), chunk):
-        x = q[s:s + chunk]
-        dist = x.pow(2).sum(-1, keepdim=True) - 2 * torch.matmul(x, b.T) + b.pow(2).sum(-1, keepdim=True).T
-        dist = dist.clamp_min_(0)
-        if k == 1:
-            v, i = dist.min(1); out_d.append(v[:, None]); out_i.append(i[:, None])
-        else:
-            v, i = dist.topk(k, largest=False); out_d.append(v); out_i.append(i)
-    return torch.cat(out_d).numpy(), torch.cat(out_i).numpy()
+    q, b = torch.as_tensor(queries), torch.as_tensor(bank)
+    if q.ndim != 2 or b.ndim != 2 or q.shape[1] != b.shape[1]:
+        raise ValueError(f"torch_chunked_knn: queries (Q, D) and bank (M, D) must share D, got {tuple(q.shape)} and {tuple(b.shape)}")
+    if not 1 <= k <= len(b): raise ValueError(f"torch_chunked_knn: k must be in [1, {len(b)}], got {k}")
+    b = b.float()
+    b_sq = b.pow(2).sum(1)
+    dists, idxs = [], []
+    for x in q.float().split(chunk_size):
+        d = (x.pow(2).sum(1, keepdim=True) - 2 * x @ b.T + b_sq).clamp_min_(0)
+        if not squared: d = d.sqrt_()
+        v, i = d.min(1, keepdim=True) if k == 1 else d.topk(k, dim=1, largest=False)
+        dists.append(v); idxs.append(i)
+    return torch.cat(dists), torch.cat(idxs)
+
+def _torch_chunked_np(q, b, k):
+    "`torch_chunked_knn` with NumPy results, to time and compare with `knn` and faiss on the same footing."
+    d, i = torch_chunked_knn(q, b, k)
+    return d.numpy(), i.numpy()
 
 # %% ../nbs/03_kernels.ipynb #dfbe9f32
 def _coreset_size(N: int, n, ratio) -> int:
@@ -476,26 +470,26 @@ def _cuda_coreset_kernels(tpb: int):
     _numba_cuda()
     BIG = np.int64(2**62)
 
-    @cuda.jit(device=True)
+    @_cuda.jit(device=True)
     def _block_argmax(v, i, sv, si, t):
         "Max over the block's (v, i) pairs, ties -> lower index; result in sv[0], si[0]."
         sv[t] = v; si[t] = i
-        cuda.syncthreads()
+        _cuda.syncthreads()
         s = tpb // 2
         while s > 0:
             if t < s:
                 if sv[t + s] > sv[t] or (sv[t + s] == sv[t] and si[t + s] < si[t]):
                     sv[t] = sv[t + s]; si[t] = si[t + s]
-            cuda.syncthreads()
+            _cuda.syncthreads()
             s //= 2
 
-    @cuda.jit
+    @_cuda.jit
     def update(xpT, mind, sel, it, part_v, part_i):
         P, N = xpT.shape
         c = sel[it]
-        t = cuda.threadIdx.x
+        t = _cuda.threadIdx.x
         best, besti = -np.inf, BIG
-        j = cuda.blockIdx.x * tpb + t
+        j = _cuda.blockIdx.x * tpb + t
         while j < N:
             m = mind[j]
             if m >= 0.0:
@@ -509,22 +503,22 @@ def _cuda_coreset_kernels(tpb: int):
                     if acc < m: m = acc
                 mind[j] = m
             if m > best: best, besti = m, j
-            j += cuda.gridDim.x * tpb
-        sv = cuda.shared.array(tpb, np.float64)
-        si = cuda.shared.array(tpb, np.int64)
+            j += _cuda.gridDim.x * tpb
+        sv = _cuda.shared.array(tpb, np.float64)
+        si = _cuda.shared.array(tpb, np.int64)
         _block_argmax(best, besti, sv, si, t)
         if t == 0:
-            part_v[cuda.blockIdx.x] = sv[0]; part_i[cuda.blockIdx.x] = si[0]
+            part_v[_cuda.blockIdx.x] = sv[0]; part_i[_cuda.blockIdx.x] = si[0]
 
-    @cuda.jit
+    @_cuda.jit
     def pick(part_v, part_i, sel, it):
-        t = cuda.threadIdx.x
+        t = _cuda.threadIdx.x
         best, besti = -np.inf, BIG
         for g in range(t, part_v.shape[0], tpb):
             if part_v[g] > best or (part_v[g] == best and part_i[g] < besti):
                 best, besti = part_v[g], part_i[g]
-        sv = cuda.shared.array(tpb, np.float64)
-        si = cuda.shared.array(tpb, np.int64)
+        sv = _cuda.shared.array(tpb, np.float64)
+        si = _cuda.shared.array(tpb, np.int64)
         _block_argmax(best, besti, sv, si, t)
         if t == 0: sel[it] = si[0]
     return update, pick
@@ -533,14 +527,14 @@ def _coreset_cuda_loop(xpT, mind, sel, part_v, part_i, tpb: int):
     "Run the greedy loop on device arrays: xpT (P, N) float32, mind (N,) float64 = inf, sel (n,) int64 with sel[0] set."
     update, pick = _cuda_coreset_kernels(tpb)
     if hasattr(xpT, '__cuda_array_interface__'):    # wrap CuPy arrays once, not at each of the 2n launches
-        xpT, mind, sel, part_v, part_i = (cuda.as_cuda_array(a) for a in (xpT, mind, sel, part_v, part_i))
+        xpT, mind, sel, part_v, part_i = (_cuda.as_cuda_array(a) for a in (xpT, mind, sel, part_v, part_i))
     nblocks = part_v.shape[0]
     for it in range(sel.shape[0] - 1):
         update[nblocks, tpb](xpT, mind, sel, it, part_v, part_i)
         pick[1, tpb](part_v, part_i, sel, it + 1)
 
 def _greedy_coreset_gpu(x, n, start, W):
-    cp = _cupy()
+    cp = get_cupy()
     N = x.shape[0]
     P = W.shape[1] if W is not None else x.shape[1]
     xpT = cp.empty((P, N), dtype=cp.float32)
@@ -627,13 +621,6 @@ def _set_threads(n: int) -> dict:
     except ImportError: pass
     return out
 
-def _release_free_memory():
-    "Hand freed heap memory back to the OS (glibc), so the next RSS peak counts fresh allocations, not reused ones."
-    try:
-        import ctypes
-        ctypes.CDLL('libc.so.6').malloc_trim(0)
-    except (OSError, AttributeError): pass
-
 def _interleaved(fns: dict, rounds: int) -> tuple[dict, dict]:
     """Time each fn once per round, methods interleaved. Returns ({name: median wall s, each round's s, median
     process CPU s (all threads; less sensitive to other jobs than wall time), worst peak RSS}, {name: last output})."""
@@ -643,7 +630,7 @@ def _interleaved(fns: dict, rounds: int) -> tuple[dict, dict]:
     for _ in range(rounds):
         for name, fn in fns.items():
             outs.pop(name, None)
-            _release_free_memory()
+            release_free_memory()
             res[name].append(measure(run, name, fn, repeats=1, warmup=0))
     return ({name: {'seconds': float(np.median([r['seconds'] for r in rs])), 'all_seconds': [r['seconds'] for r in rs],
                     'cpu_seconds': float(np.median(cpu[name])), 'peak_extra_mb': max(r['peak_extra_mb'] for r in rs)}
@@ -674,7 +661,7 @@ def bench_knn(quick: bool = False) -> list[dict]:
     out = []
     for dim, k in cases:
         q = rng.standard_normal((nq, dim), dtype=np.float32); b = rng.standard_normal((nb, dim), dtype=np.float32)
-        fns = {'ours': knn, 'torch_chunked': _torch_chunked_knn}
+        fns = {'ours': knn, 'torch_chunked': _torch_chunked_np}
         try:
             import faiss  # noqa: F401
             fns['faiss_flat'] = _faiss_knn

@@ -11,9 +11,8 @@ from functools import lru_cache
 import numpy as np
 import scipy.ndimage as ndi
 import torch
-import torch.nn.functional as F
 from numba import njit, prange, get_num_threads
-from .tiling import array_backend, _cuda_view, _device_ctx
+from .ops import array_backend, get_cupy, get_numba_cuda, cuda_view, numba_device, resize_maps
 from .bench import register_bench, measure, report
 
 # %% auto #0
@@ -225,13 +224,13 @@ def _region_sizes(labels, k):
     return sizes
 
 # %% ../nbs/05_metrics.ipynb #10bdf380
-_cuda = None  # numba.cuda, imported on first GPU use
+_cuda = None  # numba.cuda, bound on first GPU use: a module global, where the CUDA simulator swaps it (see ops)
 
 @lru_cache(maxsize=None)
 def _cuda_kernels():
     "Numba-CUDA kernels for pixel histograms and confusion counts (imports numba.cuda lazily)."
     global _cuda
-    from numba import cuda as _cuda
+    _cuda = get_numba_cuda()
     from numba import float64, int64
 
     @_cuda.jit
@@ -318,7 +317,7 @@ def _range_and_check(m, backend: str, name: str) -> tuple[float, float]:
     if backend in ('numpy', 'torch'):
         lo, hi, bad = _score_range(m.reshape(-1), max(1, min(get_num_threads(), m.size // 2 ** 16)))
     else:
-        finite = torch.isfinite(m) if backend == 'torch_cuda' else __import__('cupy').isfinite(m)
+        finite = torch.isfinite(m) if backend == 'torch_cuda' else get_cupy().isfinite(m)
         bad = int((~finite).sum())
         lo, hi = (float(m.min()), float(m.max())) if not bad else (0.0, 0.0)
     if bad: raise ValueError(f"{name} contains {int(bad)} non-finite scores (NaN or inf)")
@@ -407,8 +406,8 @@ def _gpu_bins(blocks, regions, weights, lo, scale, bins, pro):
     for j, (m, k, backend) in enumerate(blocks):
         lab, label_row, _ = regions[j] if pro else (np.zeros(1, np.int32), np.zeros(1, np.int64), 0)
         w = weights[j] if pro else np.zeros(1)
-        with _device_ctx(m, backend):
-            _launch_bins(_cuda_view(m.reshape(-1)), _cuda.to_device(k.reshape(-1)), _cuda.to_device(lab),
+        with numba_device(m):
+            _launch_bins(cuda_view(m.reshape(-1)), _cuda.to_device(k.reshape(-1)), _cuda.to_device(lab),
                          _cuda.to_device(label_row), m.shape[1] * m.shape[2], _cuda.to_device(w), lo, scale, pro,
                          neg, pos, prow)
     return neg.copy_to_host(), pos.copy_to_host(), prow.copy_to_host()
@@ -456,8 +455,8 @@ def pixel_confusion(maps, masks, threshold: float) -> dict:
             c = _confusion(m.reshape(-1), k.reshape(-1), threshold, max(1, min(get_num_threads(), m.size // 2 ** 16)))
         else:
             _cuda_kernels()
-            with _device_ctx(m, backend):
-                c = _launch_confusion(_cuda_view(m.reshape(-1)), _cuda.to_device(k.reshape(-1)), threshold)
+            with numba_device(m):
+                c = _launch_confusion(cuda_view(m.reshape(-1)), _cuda.to_device(k.reshape(-1)), threshold)
         tp, fp, fn, total = tp + int(c[0]), fp + int(c[1]), fn + int(c[2]), total + int(np.prod(m.shape))
     return {'tp': tp, 'fp': fp, 'fn': fn, 'tn': total - tp - fp - fn}
 
@@ -533,7 +532,7 @@ def synthetic_maps(n: int, size: int = 256, defect_fraction: float = 0.6, seed: 
     """A test set of `n` anomaly maps: (scores (n,) float32 = max of each map, labels (n,) uint8,
     maps (n, size, size) float32, masks (n, size, size) bool). About `defect_fraction` of the images have defects."""
     g = torch.Generator().manual_seed(seed)
-    up = lambda x: F.interpolate(x[:, None], size=(size, size), mode='bilinear', align_corners=False)[:, 0]
+    up = lambda x: resize_maps(x, size)
     field = up(torch.randn(n, 8, 8, generator=g))
     defective = torch.rand(n, generator=g) < defect_fraction
     masks = (field > 1.3) & defective[:, None, None]

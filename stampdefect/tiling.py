@@ -12,31 +12,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from numba import njit, prange
+from .ops import array_backend, as_pair, get_cupy, get_numba_cuda, cuda_view, numba_device, resize_maps
 from .bench import register_bench, measure, report
 
 # %% auto #0
-__all__ = ['WINDOW_FLOOR', 'array_backend', 'tile_origins', 'tile', 'blend_window', 'stitch', 'bench_tiling']
-
-# %% ../nbs/04_tiling.ipynb #51906b2b
-def array_backend(x) -> str:
-    "Which kernel family handles `x`: 'numpy', 'torch' (CPU tensor), 'torch_cuda' or 'cupy'."
-    if isinstance(x, np.ndarray): return 'numpy'
-    if isinstance(x, torch.Tensor):
-        if x.device.type == 'cuda': return 'torch_cuda'
-        if x.device.type == 'cpu': return 'torch'
-        raise TypeError(f"tensors on device {x.device} are not supported; move them to 'cpu' or 'cuda' first")
-    if type(x).__module__.split('.')[0] == 'cupy': return 'cupy'
-    raise TypeError(f"expected a numpy array, a torch tensor or a cupy array, got {type(x).__name__}")
+__all__ = ['WINDOW_FLOOR', 'tile_origins', 'tile', 'blend_window', 'stitch', 'bench_tiling']
 
 # %% ../nbs/04_tiling.ipynb #02703946
-def _pair(v, name: str) -> tuple[int, int]:
-    "An int or a pair of ints -> (rows, cols), all positive."
-    if isinstance(v, (int, np.integer)): v = (int(v), int(v))
-    try: a, b = (int(u) for u in v)
-    except (TypeError, ValueError): raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}") from None
-    if a <= 0 or b <= 0: raise ValueError(f"{name} must be positive, got {v!r}")
-    return a, b
-
 def _axis_starts(length: int, size: int, stride: int, axis: str) -> np.ndarray:
     if length < size:
         raise ValueError(f"image {axis} {length} is smaller than the tile {axis} {size}: resize or pad the image "
@@ -50,9 +32,9 @@ def tile_origins(hw, size, stride=None) -> np.ndarray:
     size: int or (th, tw); stride: int or (sr, sc), default `size` (no overlap), must not exceed `size`.
     The last row and column of tiles are shifted inward to end exactly at the border.
     Returns (N, 2) int64 (row, col), row-major order (all tiles of the first tile row, then the next)."""
-    H, W = _pair(hw, 'hw')
-    th, tw = _pair(size, 'size')
-    sr, sc = _pair(size if stride is None else stride, 'stride')
+    H, W = as_pair(hw, 'hw')
+    th, tw = as_pair(size, 'size')
+    sr, sc = as_pair(size if stride is None else stride, 'stride')
     if sr > th or sc > tw:
         raise ValueError(f"stride {(sr, sc)} is larger than the tile {(th, tw)}: the gaps between tiles would be "
                          "covered by no tile")
@@ -74,19 +56,18 @@ def _bytes_view(x, backend: str):
     "View (C, H, W) `x` as (C, H, W * itemsize) uint8 (a copy of bytes is a copy of values, whatever the dtype)."
     if backend in ('torch', 'torch_cuda'): return x.detach().contiguous().view(torch.uint8)
     if backend == 'cupy':
-        import cupy
+        cupy = get_cupy()
         return cupy.ascontiguousarray(x).view(cupy.uint8)
     return np.ascontiguousarray(x).view(np.uint8)
 
 # %% ../nbs/04_tiling.ipynb #3ae70c48
-_cuda = None  # numba.cuda, imported on first GPU use
+_cuda = None  # numba.cuda, bound on first GPU use: a module global, where the CUDA simulator swaps it (see ops)
 
 @lru_cache(maxsize=None)
 def _cuda_kernels():
     "Compile-on-first-use Numba-CUDA kernels (imports numba.cuda lazily)."
-    # the kernels must see `cuda` as a module global: that is where the CUDA simulator swaps in its fake module
     global _cuda
-    from numba import cuda as _cuda
+    _cuda = get_numba_cuda()
     from numba import float64
 
     @_cuda.jit
@@ -129,21 +110,9 @@ def _cuda_kernels():
 
 def _launch_tile(image, rows, cols, out):
     "GPU tile: image (C, H, W) and out (N, C, th, tw) of one dtype (tile uses uint8 bytes); rows/cols (N,) int64."
-    from numba import cuda
     tile_k, _ = _cuda_kernels()
     n = out.shape[0] * out.shape[1] * out.shape[2] * out.shape[3]
-    tile_k[min(-(-n // 256), 65535), 256](image, cuda.to_device(rows), cuda.to_device(cols), out)
-
-def _cuda_view(x):
-    "A Numba-CUDA view of a CuPy array or CUDA tensor (NumPy arrays pass through for the simulator)."
-    from numba import cuda
-    return cuda.as_cuda_array(x) if hasattr(x, '__cuda_array_interface__') else x
-
-def _device_ctx(x, backend):
-    "Numba's context for the GPU that holds `x` (a tensor on cuda:1 must be read on device 1)."
-    from numba import cuda
-    idx = x.device.index if backend == 'torch_cuda' else x.device.id
-    return cuda.gpus[idx or 0]
+    tile_k[min(-(-n // 256), 65535), 256](image, _cuda.to_device(rows), _cuda.to_device(cols), out)
 
 # %% ../nbs/04_tiling.ipynb #45cdcacc
 def tile(image, size, stride=None):
@@ -157,7 +126,7 @@ def tile(image, size, stride=None):
     if image.ndim not in (2, 3):
         raise ValueError(f"image must be (C, H, W) or (H, W), got shape {tuple(image.shape)}")
     origins = tile_origins(image.shape[-2:], size, stride)
-    th, tw = _pair(size, 'size')
+    th, tw = as_pair(size, 'size')
     img3 = image[None] if image.ndim == 2 else image
     bits = _bytes_view(img3, backend)
     isz = bits.shape[-1] // img3.shape[-1]
@@ -174,10 +143,10 @@ def tile(image, size, stride=None):
     else:
         if backend == 'torch_cuda': out = torch.empty(shape, dtype=torch.uint8, device=image.device)
         else:
-            import cupy
+            cupy = get_cupy()
             out = cupy.empty(shape, cupy.uint8)
-        with _device_ctx(image, backend):
-            _launch_tile(_cuda_view(bits), rows, cols, _cuda_view(out))
+        with numba_device(image):
+            _launch_tile(cuda_view(bits), rows, cols, cuda_view(out))
         tiles = out.view(image.dtype)
     return (tiles[:, 0] if image.ndim == 2 else tiles), origins
 
@@ -254,28 +223,15 @@ def _stitch_plan(origins: np.ndarray, th: int, H: int):
 
 def _launch_stitch(maps, order, rows, cols, first, last, wy, wx, use_max, out) -> int:
     "GPU stitch: maps (N, C, th, tw), out (C, H, W) float32/float64 device arrays; the rest small host arrays."
-    from numba import cuda
     _, stitch_k = _cuda_kernels()
     nc, H, W = out.shape
-    uncovered = cuda.to_device(np.zeros(1, np.int64))
+    uncovered = _cuda.to_device(np.zeros(1, np.int64))
     grid = (-(-W // 32), -(-H // 8))
-    stitch_k[grid, (32, 8)](maps, *(cuda.to_device(a) for a in (order, rows, cols, first, last, wy, wx)),
+    stitch_k[grid, (32, 8)](maps, *(_cuda.to_device(a) for a in (order, rows, cols, first, last, wy, wx)),
                             bool(use_max), out, uncovered)
     return int(uncovered.copy_to_host()[0])
 
 # %% ../nbs/04_tiling.ipynb #ded7ba53
-def _resize_maps(maps, size: tuple[int, int], backend: str):
-    "Bilinear upsampling of (N, C, h, w) maps to `size` (align_corners=False, like F.interpolate's default)."
-    if backend == 'numpy': t = torch.from_numpy(np.ascontiguousarray(maps))
-    elif backend == 'cupy': t = torch.from_dlpack(maps)
-    else: t = maps
-    r = F.interpolate(t.float(), size=size, mode='bilinear', align_corners=False)
-    if backend == 'numpy': return r.numpy()
-    if backend == 'cupy':
-        import cupy
-        return cupy.from_dlpack(r)
-    return r
-
 def stitch(tile_maps, origins, out_shape, blend: str = 'mean', sigma: float | None = None, tile_size=None):
     """Stitch per-tile maps back into one map of `out_shape`, blending where tiles overlap.
 
@@ -295,10 +251,10 @@ def stitch(tile_maps, origins, out_shape, blend: str = 'mean', sigma: float | No
         raise ValueError(f"origins must be (N, 2) integers (row, col), got shape {origins.shape} dtype {origins.dtype}")
     if len(origins) != maps.shape[0]:
         raise ValueError(f"tile_maps has {maps.shape[0]} tiles but origins has {len(origins)} rows")
-    H, W = _pair(out_shape, 'out_shape')
+    H, W = as_pair(out_shape, 'out_shape')
     in_dtype = maps.dtype
-    if tile_size is not None and _pair(tile_size, 'tile_size') != tuple(maps.shape[-2:]):
-        maps = _resize_maps(maps, _pair(tile_size, 'tile_size'), backend)
+    if tile_size is not None and as_pair(tile_size, 'tile_size') != tuple(maps.shape[-2:]):
+        maps = resize_maps(maps, as_pair(tile_size, 'tile_size'))
     n, nc, th, tw = maps.shape
     origins = origins.astype(np.int64)
     bad = (origins[:, 0] < 0) | (origins[:, 1] < 0) | (origins[:, 0] + th > H) | (origins[:, 1] + tw > W)
@@ -323,11 +279,11 @@ def stitch(tile_maps, origins, out_shape, blend: str = 'mean', sigma: float | No
             wide = m.dtype == torch.float64
             out = torch.empty((nc, H, W), dtype=torch.float64 if wide else torch.float32, device=m.device)
         else:
-            import cupy
+            cupy = get_cupy()
             m = cupy.ascontiguousarray(m)
             out = cupy.empty((nc, H, W), cupy.float64 if m.dtype == cupy.float64 else cupy.float32)
-        with _device_ctx(m, backend):
-            uncovered = _launch_stitch(_cuda_view(m), *plan, wy, wx, blend == 'max', _cuda_view(out))
+        with numba_device(m):
+            uncovered = _launch_stitch(cuda_view(m), *plan, wy, wx, blend == 'max', cuda_view(out))
     if uncovered:
         raise ValueError(f"origins leave {uncovered} pixels of out_shape {(H, W)} covered by no tile (tiles of "
                          f"{(th, tw)}); if tile_maps are at a lower resolution than the tiles, pass tile_size")
@@ -339,7 +295,7 @@ def _cast_back(out, in_dtype, backend):
     if backend == 'numpy': return out.astype(in_dtype, copy=False) if np.issubdtype(in_dtype, np.floating) else out
     if backend == 'torch': return torch.from_numpy(out).to(in_dtype) if in_dtype.is_floating_point else torch.from_numpy(out)
     if backend == 'torch_cuda': return out.to(in_dtype) if in_dtype.is_floating_point else out
-    import cupy
+    cupy = get_cupy()
     return out.astype(in_dtype) if cupy.issubdtype(in_dtype, cupy.floating) else out
 
 # %% ../nbs/04_tiling.ipynb #f6ffd468

@@ -9,7 +9,7 @@ from PIL import Image
 
 import torch.nn.functional as F
 from stampdefect.data import (BadFilesWarning, FolderDataset, ImageNotFoundError, ImageReadError, MaskError,
-                              collate_items, find_mask, iter_batches, list_images, load_image, load_mask,
+                              collate_items, find_mask, iter_item_batches, list_images, load_image, load_mask,
                               magnetic_tile_dir, resize_image, resize_mask)
 
 HW = (24, 32)
@@ -417,19 +417,19 @@ def test_resize_matches_torch(shape, hw):
 
 def test_iter_batches(mvtec):
     ds = FolderDataset(mvtec, 'test')
-    batches = list(iter_batches(ds, 2))
+    batches = list(iter_item_batches(ds, 2))
     assert [b['image'].shape[0] for b in batches] == [2, 2, 1]
     assert batches[0]['image'].shape == (2, 3, *HW) and batches[0]['mask'].shape == (2, 1, *HW)
     assert torch.cat([b['label'] for b in batches]).tolist() == ds.labels.tolist()
     assert sum((b['path'] for b in batches), []) == ds.paths
-    assert [b['image'].shape[0] for b in iter_batches(torch.zeros(5, 1, 4, 4), 3)] == [3, 2]
+    assert [b['image'].shape[0] for b in iter_item_batches(torch.zeros(5, 1, 4, 4), 3)] == [3, 2]
 
 
 def test_iter_batches_workers(mvtec):
     ds = FolderDataset(mvtec, 'test')
-    b = list(iter_batches(ds, 4, num_workers=1))
+    b = list(iter_item_batches(ds, 4, num_workers=1))
     assert [x['label'].tolist() for x in b] == [[0, 0, 1, 1], [1]]
-    assert torch.equal(b[0]['image'], next(iter_batches(ds, 4))['image'])
+    assert torch.equal(b[0]['image'], next(iter_item_batches(ds, 4))['image'])
     loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=collate_items)
     assert [x['image'].shape[0] for x in loader] == [3, 2]
 
@@ -439,16 +439,16 @@ def test_iter_batches_size_mismatch(tmp_path):
     write(tmp_path / 'imgs/b.png', np.zeros((5, 6, 3), np.uint8))
     ds = FolderDataset.from_folders(tmp_path / 'imgs')
     with pytest.raises(ValueError, match=r'b\.png is 3x5x6.*size='):
-        list(iter_batches(ds, 2))
-    assert next(iter_batches(FolderDataset.from_folders(tmp_path / 'imgs', size=(5, 6)), 2))['image'].shape == (2, 3, 5, 6)
+        list(iter_item_batches(ds, 2))
+    assert next(iter_item_batches(FolderDataset.from_folders(tmp_path / 'imgs', size=(5, 6)), 2))['image'].shape == (2, 3, 5, 6)
 
 
 @pytest.mark.parametrize('kwargs', [dict(batch_size=0), dict(batch_size=2.0), dict(batch_size=2, num_workers=-1)])
 def test_iter_batches_bad_args(mvtec, kwargs):
     with pytest.raises(ValueError):
-        iter_batches(FolderDataset(mvtec), **kwargs)
+        iter_item_batches(FolderDataset(mvtec), **kwargs)
     with pytest.raises(ValueError, match=r'\(N, C, H, W\)'):
-        iter_batches(torch.zeros(3, 4, 4), 2)
+        iter_item_batches(torch.zeros(3, 4, 4), 2)
     with pytest.raises(ValueError, match='no items'):
         collate_items([])
 
@@ -482,7 +482,7 @@ def test_magnetic_tile(magnetic_tile):
         FolderDataset(magnetic_tile, 'test', defect_types=['crack'])[0]
     crack = FolderDataset(magnetic_tile, 'test', defect_types=['crack'], size=(64, 64), binarize_masks=True,
                           channels=1)
-    b = next(iter_batches(crack, 8))
+    b = next(iter_item_batches(crack, 8))
     assert b['image'].shape == (8, 1, 64, 64) and b['label'].tolist() == [1] * 8
     assert set(b['mask'].unique().tolist()) == {0.0, 1.0}
     native = FolderDataset(magnetic_tile, 'test', defect_types=['crack'], binarize_masks=True, channels=None)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from stampdefect.kernels import knn, greedy_coreset, greedy_coreset_torch, bench_knn, bench_coreset
+from stampdefect.kernels import knn, greedy_coreset, greedy_coreset_torch, bench_knn, bench_coreset, torch_chunked_knn
 
 
 def knn_ref(q, b, k):
@@ -247,6 +247,53 @@ def test_coreset_bad_features():
     x = np.zeros((5, 3), np.float32); x[4, 1] = np.nan
     with pytest.raises(ValueError, match=r'features contains NaN or inf \(first in row 4\)'):
         greedy_coreset(x, n=2)
+
+
+# ---------------------------------------------------------------- the chunked torch baseline: both former copies
+
+def _old_kernels_baseline(q, b, k, chunk=1024):
+    "kernels._torch_chunked_knn before torch_chunked_knn, verbatim (squared distances)."
+    q, b = torch.as_tensor(q), torch.as_tensor(b)
+    out_d, out_i = [], []
+    for s in range(0, len(q), chunk):
+        x = q[s:s + chunk]
+        dist = x.pow(2).sum(-1, keepdim=True) - 2 * torch.matmul(x, b.T) + b.pow(2).sum(-1, keepdim=True).T
+        dist = dist.clamp_min_(0)
+        if k == 1:
+            v, i = dist.min(1); out_d.append(v[:, None]); out_i.append(i[:, None])
+        else:
+            v, i = dist.topk(k, largest=False); out_d.append(v); out_i.append(i)
+    return torch.cat(out_d), torch.cat(out_i)
+
+
+def _old_patchcore_baseline(queries, bank, k=1, chunk_size=1024):
+    "models/patchcore.torch_chunked_nn before torch_chunked_knn, verbatim (Euclidean distances)."
+    bank = bank.float()
+    bank_sq = bank.pow(2).sum(1)
+    dists, idxs = [], []
+    for q in queries.float().split(chunk_size):
+        d = (q.pow(2).sum(1, keepdim=True) - 2 * q @ bank.T + bank_sq).clamp_min_(0).sqrt_()
+        v, i = d.min(1, keepdim=True) if k == 1 else d.topk(k, dim=1, largest=False)
+        dists.append(v); idxs.append(i)
+    return torch.cat(dists), torch.cat(idxs)
+
+
+@pytest.mark.parametrize('k', [1, 4])
+def test_torch_chunked_knn_is_both_former_copies(k):
+    rng = np.random.default_rng(11)
+    q, b = rng.standard_normal((2100, 24)).astype(np.float32), rng.standard_normal((300, 24)).astype(np.float32)
+    d, i = torch_chunked_knn(q, b, k)
+    od, oi = _old_kernels_baseline(q, b, k)
+    assert torch.equal(d, od) and torch.equal(i, oi)
+    d, i = torch_chunked_knn(torch.from_numpy(q), torch.from_numpy(b), k, squared=False)
+    od, oi = _old_patchcore_baseline(torch.from_numpy(q), torch.from_numpy(b), k)
+    assert torch.equal(d, od) and torch.equal(i, oi)
+    ref = torch.cdist(torch.from_numpy(q), torch.from_numpy(b)).topk(k, largest=False)
+    assert torch.allclose(d, ref.values, atol=1e-4) and torch.equal(i, ref.indices)
+    with pytest.raises(ValueError, match='k must be'):
+        torch_chunked_knn(q, b, k=301)
+    with pytest.raises(ValueError, match='share D'):
+        torch_chunked_knn(q, b[:, :10])
 
 
 # ---------------------------------------------------------------- benchmarks (quick sizes)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from stampdefect.tiling import (tile_origins, tile, stitch, blend_window, array_backend, WINDOW_FLOOR, bench_tiling)
+from stampdefect.tiling import (tile_origins, tile, stitch, blend_window, WINDOW_FLOOR, bench_tiling)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -221,12 +221,6 @@ def test_stitch_bad_inputs():
         stitch(maps, o, (64, 64), blend='mean', sigma=3.0)
     with pytest.raises(ValueError, match='out_shape must be positive'):
         stitch(maps, o, (0, 64))
-
-
-def test_array_backend():
-    assert array_backend(np.zeros(1)) == 'numpy' and array_backend(torch.zeros(1)) == 'torch'
-    with pytest.raises(TypeError, match='got tuple'):
-        array_backend((1,))
 
 
 # ---------------------------------------------------------------- GPU kernels
