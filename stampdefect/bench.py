@@ -75,7 +75,8 @@ BENCHES: dict[str, Callable] = {}
 BENCH_MODULES = {'knn': 'stampdefect.kernels', 'coreset': 'stampdefect.kernels',
                  'tiling': 'stampdefect.tiling', 'metrics': 'stampdefect.metrics',
                  'panel': 'stampdefect.pipeline', 'patchcore': 'stampdefect.models.patchcore',
-                 'backbone': 'stampdefect.backbones', 'alignment': 'stampdefect.alignment'}
+                 'backbone': 'stampdefect.backbones', 'alignment': 'stampdefect.alignment',
+                 'evaluate': 'stampdefect.evaluation'}
 
 def register_bench(name: str):
     "Decorator: register `fn(quick: bool = False) -> list[dict]` as the benchmark `name`."
@@ -84,8 +85,9 @@ def register_bench(name: str):
         return fn
     return deco
 
-def run_bench(name: str, quick: bool = False, as_json: bool = False, file=None) -> list[dict]:
-    "Run benchmark `name`, print one JSON object per case (or a readable line), and return the cases."
+def run_bench(name: str, quick: bool = False, as_json: bool = False, file=None, **options) -> list[dict]:
+    """Run benchmark `name`, print one JSON object per case (or a readable line), and return the cases.
+    options: passed to the benchmark function (e.g. method='mna' for `panel`); None values are left out."""
     file = file or sys.stdout
     if name not in BENCHES:
         if name not in BENCH_MODULES:
@@ -93,7 +95,11 @@ def run_bench(name: str, quick: bool = False, as_json: bool = False, file=None) 
         importlib.import_module(BENCH_MODULES[name])
     if name not in BENCHES:
         raise ValueError(f"benchmark {name!r} is not available in this version (module {BENCH_MODULES[name]} registers no such case)")
-    cases = BENCHES[name](quick=quick)
+    import inspect
+    options = {k: v for k, v in options.items() if v is not None}
+    bad = sorted(set(options) - set(inspect.signature(BENCHES[name]).parameters))
+    if bad: raise ValueError(f"benchmark {name!r} takes no option {bad[0]!r}")
+    cases = BENCHES[name](quick=quick, **options)
     for c in cases:
         if as_json: print(json.dumps(c), file=file)
         else:

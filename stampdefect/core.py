@@ -6,7 +6,7 @@ Docs: https://stampdefect.github.io/stampdefect/core.html.md"""
 
 # %% ../nbs/06_core.ipynb #4e022238
 from __future__ import annotations
-import dataclasses, hashlib, json, os, tempfile
+import contextlib, contextvars, dataclasses, hashlib, json, os, tempfile, time
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 from typing import ClassVar, Iterator
@@ -14,9 +14,10 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['REGISTRY', 'FORMAT_NAME', 'FORMAT_VERSION', 'Prediction', 'check_images', 'iter_batches', 'register_detector',
-           'get_detector', 'Detector', 'atomic_write', 'read_safetensors', 'file_sha256', 'ReferenceConfig',
-           'ReferenceDetector']
+__all__ = ['METHODS', 'REGISTRY', 'FORMAT_NAME', 'FORMAT_VERSION', 'Prediction', 'check_images', 'iter_batches',
+           'CalibrationConfig', 'robust_upper_threshold', 'normal_thresholds', 'register_detector', 'available_methods',
+           'detector_class', 'get_detector', 'Capabilities', 'TilePositions', 'Detector', 'StageTimer', 'stage',
+           'atomic_write', 'read_safetensors', 'file_sha256', 'ReferenceConfig', 'ReferenceDetector']
 
 # %% ../nbs/06_core.ipynb #1b2e1529
 @dataclass
@@ -94,8 +95,95 @@ def _stack(imgs, name):
     if len(shapes) > 1: raise ValueError(f"{name}: images in one batch must share a shape, got {sorted(shapes)}; resize them or use batch_size=1")
     return torch.stack(imgs)
 
+# %% ../nbs/06_core.ipynb #fde7db15
+@dataclass
+class CalibrationConfig:
+    """How `Detector.calibrate` sets both thresholds from normal images only.
+    rule 'robust' (default): image threshold = median + z * sigma of the normal images' scores, where sigma is
+      1.4826 x the median of the deviations above the median (the upper half only: normal scores have a longer
+      upper tail, and it is the upper tail that makes false alarms) and z is the standard normal quantile of
+      1 - image_fpr. One unusual normal image barely moves either statistic. The pixel threshold follows
+      `pixel_rule`: 'maxima' (default) applies the same rule to each normal image's largest map value, so a
+      normal image shows a defect region about as often as it raises a false alarm; 'pooled' takes the
+      1 - pixel_fpr quantile of every normal pixel, pooled over the calibration images.
+    rule 'quantile': the rule of earlier versions, kept to compare: image threshold = the `quantile` of the image
+      scores, pixel threshold = the `quantile` of the per-image map maxima (with a few dozen images both are the
+      largest value, set by the most unusual normal image).
+    image_fpr 0.05: the operating point a line asked for (at most 5% false alarms); lower it for fewer alarms and
+      fewer defects found. The calibration record states how many calibration images lie above."""
+    rule: str = 'robust'
+    image_fpr: float = 0.05     # target rate of normal images flagged
+    pixel_rule: str = 'maxima'  # 'maxima' or 'pooled' (rule 'robust' only)
+    pixel_fpr: float = 1e-3     # pixel_rule 'pooled': rate of normal pixels above the pixel threshold
+    quantile: float = 0.99      # rule 'quantile' only
+
+    def check(self) -> None:
+        "Raise ValueError naming the first bad option."
+        if self.rule not in ('robust', 'quantile'): raise ValueError(f"CalibrationConfig.rule must be 'robust' or 'quantile', got {self.rule!r}")
+        if self.pixel_rule not in ('maxima', 'pooled'): raise ValueError(f"CalibrationConfig.pixel_rule must be 'maxima' or 'pooled', got {self.pixel_rule!r}")
+        for k in ('image_fpr', 'pixel_fpr'):
+            if not 0 < getattr(self, k) < 0.5: raise ValueError(f"CalibrationConfig.{k} must be in (0, 0.5), got {getattr(self, k)}")
+        if not 0 < self.quantile <= 1: raise ValueError(f"quantile must be in (0, 1], got {self.quantile}")
+
+def robust_upper_threshold(values, fpr: float) -> tuple[float, float, float]:
+    """(threshold, median, sigma): median + z * sigma of `values` (1-D), sigma = 1.4826 x the median deviation
+    above the median (the plain spread when that is 0; a hair above the values when they are all equal),
+    z = the standard normal quantile of 1 - fpr."""
+    from scipy.stats import norm
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    med = float(np.median(v))
+    up = v[v > med] - med
+    sigma = 1.4826 * float(np.median(up)) if len(up) else 0.0
+    if sigma == 0: sigma = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    if sigma == 0: sigma = 1e-6 * max(1.0, abs(med))
+    return med + float(norm.ppf(1 - fpr)) * sigma, med, sigma
+
+def _fpr_upper_bound(k: int, n: int, confidence: float = 0.95) -> float:
+    "One-sided Clopper-Pearson upper bound of a rate seen k times in n trials."
+    from scipy.stats import beta
+    return 1.0 if k >= n else float(beta.ppf(confidence, k + 1, n - k))
+
+def normal_thresholds(scores, maps, config: CalibrationConfig | None = None) -> tuple[float, float, dict]:
+    """(image threshold, pixel threshold, record) from normal images only, by `config`'s rule.
+    scores: (N,) image scores of N normal images; maps: (N, H, W) their anomaly maps (or a list of (H, W) maps).
+    The record (JSON-able) says how: rule, counts, the normal statistics used, how many calibration images and
+    pixels lie above the thresholds, and a 95% upper bound of the image false-alarm rate that N images allow
+    (with few images it is wide: a statement of confidence, not a guarantee)."""
+    c = config or CalibrationConfig()
+    c.check()
+    s = np.asarray(_to_numpy(scores), dtype=np.float64).reshape(-1)
+    px = np.concatenate([np.asarray(_to_numpy(m), dtype=np.float32).reshape(-1) for m in maps])
+    if len(s) == 0: raise ValueError("calibration needs at least one normal image")
+    if not (np.isfinite(s).all() and np.isfinite(px).all()): raise ValueError("calibration: normal scores or maps contain NaN or infinite values")
+    rec = {'rule': c.rule, 'n_images': int(len(s)), 'n_pixels': int(len(px))}
+    maxima = np.array([float(np.max(_to_numpy(m))) for m in maps])
+    if c.rule == 'quantile':
+        thr = float(np.quantile(s, c.quantile, method='higher'))
+        pthr = float(np.quantile(maxima, c.quantile, method='higher'))
+        rec['quantile'] = c.quantile
+    else:
+        thr, med, sigma = robust_upper_threshold(s, c.image_fpr)
+        rec.update(image_fpr=c.image_fpr, pixel_rule=c.pixel_rule, median=med, sigma=sigma)
+        if c.pixel_rule == 'maxima':
+            pthr, pmed, psigma = robust_upper_threshold(maxima, c.image_fpr)
+            rec.update(maxima_median=pmed, maxima_sigma=psigma)
+        else:
+            pthr = float(np.quantile(px, 1 - c.pixel_fpr))
+            rec['pixel_fpr'] = c.pixel_fpr
+    k = int((s > thr).sum())
+    rec.update(threshold=thr, pixel_threshold=pthr, images_above=k, images_with_regions=int((maxima > pthr).sum()),
+               pixels_above=int((px > pthr).sum()),
+               image_fpr_upper95=round(_fpr_upper_bound(k, len(s)), 4))
+    return thr, pthr, rec
+
 # %% ../nbs/06_core.ipynb #3c3c30ba
-REGISTRY: dict[str, type] = {}
+METHODS: dict[str, str] = {                    # the registry: method name -> module that defines it (one line a method)
+    'reference': 'stampdefect.core',
+    'patchcore': 'stampdefect.models.patchcore',
+    'mna': 'stampdefect.models.mna',
+    'vqvae_ar': 'stampdefect.models.mna',
+}
+REGISTRY: dict[str, type] = {}                 # name -> class, filled as modules are imported
 
 def register_detector(name: str):
     "Class decorator: make a `Detector` subclass available by `name` to the CLI, the pipeline and `Detector.load`."
@@ -105,18 +193,32 @@ def register_detector(name: str):
         return cls
     return deco
 
-def get_detector(name: str, config: dict | None = None, **overrides) -> 'Detector':
-    "Build the detector registered as `name` with a config built from `config` (a dict) and `overrides`."
-    _import_builtin_methods()
-    if name not in REGISTRY: raise ValueError(f"unknown method {name!r}; available: {sorted(REGISTRY)}")
-    cls = REGISTRY[name]
-    return cls(cls.Config(**_config_kwargs(cls.Config, {**(config or {}), **overrides}, name)))
+def available_methods() -> list[str]:
+    "Names of every method: the built-in ones (`METHODS`) and any registered since (plugins, notebooks)."
+    return sorted(set(METHODS) | set(REGISTRY))
+
+def detector_class(name: str) -> type:
+    "The class of method `name`, importing only the module that defines it (ValueError listing the methods)."
+    if name not in REGISTRY and name in METHODS:
+        import importlib
+        importlib.import_module(METHODS[name])
+    if name not in REGISTRY: raise ValueError(f"unknown method {name!r}; available: {available_methods()}")
+    return REGISTRY[name]
+
+def get_detector(name: str, config: dict | None = None, preset: str | None = None, **overrides) -> 'Detector':
+    """Build the detector registered as `name`. Its config is the Config dataclass's defaults (the paper's), then the
+    method's named `preset` if given (`Detector.presets`: 'tiny' for tests, 'cpu' for a 2-core machine), then
+    `config` (a dict), then `overrides`."""
+    cls = detector_class(name)
+    base = {}
+    if preset is not None:
+        if preset not in cls.presets: raise ValueError(f"method {name!r} has no preset {preset!r}; its presets: {sorted(cls.presets)}")
+        base = cls.presets[preset]
+    return cls(cls.Config(**_config_kwargs(cls.Config, {**base, **(config or {}), **overrides}, name)))
 
 def _import_builtin_methods():
-    "Import the method modules that ship with the package, so their `register_detector` lines run."
-    import importlib, pkgutil
-    import stampdefect.models as models
-    for m in pkgutil.iter_modules(models.__path__): importlib.import_module(f'stampdefect.models.{m.name}')
+    "Import every built-in method's module (for listings that need the classes; lookups use `detector_class`)."
+    for name in METHODS: detector_class(name)
 
 def _config_kwargs(cfg_cls, d: dict, where: str) -> dict:
     names = {f.name for f in dataclasses.fields(cfg_cls)}
@@ -125,20 +227,71 @@ def _config_kwargs(cfg_cls, d: dict, where: str) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 # %% ../nbs/06_core.ipynb #d722f7d9
-FORMAT_NAME, FORMAT_VERSION = 'stampdefect-model', 1
+FORMAT_NAME, FORMAT_VERSION = 'stampdefect-model', 2   # 2: tiling is a stage, both thresholds in the model; 1 is read
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a detector declares about itself, so that the CLI, the pipeline and the tiling stage never probe its
+    config or its `fit` signature.
+    input_size: side the detector resizes its input to (None: it works at the input's own size).
+    channels: image channels `predict` expects (1 or 3).
+    trained: `fit` trains networks (it honours `max_minutes` and `ckpt_dir`).
+    uses_positions: `predict(images, positions)` takes tile positions (`TilePositions`) and uses them; `fit` then
+      reads them from the 'positions' entry of its batches (a `TileStream`).
+    fits_on_panels: `fit` takes whole panels and cuts its own training crops (with their positions); the tiling
+      stage then hands it the panels, not tiles.
+    min_size: the smallest image side `predict` accepts.
+    full_resolution: config overrides that make the method work at its input's own size, for tiles scored at full
+      resolution (PatchCore: {'image_size': None}); {} when it already does or cannot."""
+    input_size: int | None = None
+    channels: int = 3
+    trained: bool = False
+    uses_positions: bool = False
+    fits_on_panels: bool = False
+    min_size: int = 1
+    full_resolution: dict = field(default_factory=dict)
+
+@dataclass(frozen=True)
+class TilePositions:
+    """Where a batch of tiles was cut: origins (B, 2) int64 (row, col) of each tile's top-left corner in a panel of
+    size panel_hw = (H, W). The tiling stage passes it to detectors whose capabilities say `uses_positions`."""
+    origins: np.ndarray
+    panel_hw: tuple[int, int]
+
+    def __post_init__(self):
+        o = np.asarray(self.origins, dtype=np.int64).reshape(-1, 2)
+        object.__setattr__(self, 'origins', o)
+        object.__setattr__(self, 'panel_hw', tuple(int(v) for v in self.panel_hw))
+
+    def __len__(self): return len(self.origins)
+    def __getitem__(self, s: slice) -> 'TilePositions': return TilePositions(self.origins[s], self.panel_hw)
 
 class Detector:
-    "Base class of every method. Subclasses set `Config`, implement `fit`, `predict`, `state_tensors`, `load_state_tensors`."
+    """Base class of every method. A subclass sets `Config` (a dataclass), implements `fit`, `predict`,
+    `state_tensors` and `load_state_tensors`, and overrides `capabilities` when it differs from the default.
+    Thresholds (`calibrate`), decisions, saving and loading live here, once."""
     name: ClassVar[str] = ''
     Config: ClassVar[type] = None
+    presets: ClassVar[dict[str, dict]] = {'tiny': {}}   # named config overrides: 'tiny' (tests, seconds), 'cpu', ...
 
     def __init__(self, config=None):
         self.config = config if config is not None else self.Config()
-        self.threshold: float | None = None
+        self.threshold: float | None = None          # image score above which an image is a defect
+        self.pixel_threshold: float | None = None    # map value above which a pixel belongs to a defect region
+        self.calibration: dict = {}                  # how the two thresholds were set (rule, counts, statistics)
         self.fitted = False
 
-    def fit(self, train_data, **kwargs) -> 'Detector':
-        "Learn from normal images only. `train_data`: anything `iter_batches` accepts."
+    @property
+    def capabilities(self) -> Capabilities:
+        "What this detector takes (input size, channels, trained?, tile positions?); see `Capabilities`."
+        return Capabilities()
+
+    def fit(self, train_data, batch_size: int | None = None, progress: bool = False,
+            max_minutes: float | None = None, ckpt_dir=None) -> 'Detector':
+        """Learn from normal images only. train_data: anything `iter_batches` accepts. The same call for every
+        method: batch_size (None: the method's default), progress (a progress bar), and for trained methods
+        (`capabilities.trained`) max_minutes (stop training at this budget, keeping the last checkpoint) and
+        ckpt_dir (checkpoints go there; a later fit with the same folder resumes)."""
         raise NotImplementedError
 
     def predict(self, images) -> Prediction:
@@ -159,17 +312,28 @@ class Detector:
 
     def load_extra_state(self, state: dict) -> None: pass
 
+    def file_metadata(self) -> dict[str, str]:
+        "More string entries for the model file's metadata (the tiling stage records its tiling here)."
+        return {}
+
     # -- shared behaviour -------------------------------------------------------------------------
     def predict_all(self, data, batch_size: int = 8) -> Prediction:
         "Predict over anything `iter_batches` accepts, batch by batch."
         self._check_fitted()
         return Prediction.concat([self.predict(b) for b in iter_batches(data, batch_size)])
 
-    def calibrate(self, normal_data, quantile: float = 0.99, batch_size: int = 8) -> float:
-        "Set `threshold` to the `quantile` of the image scores of normal images and return it."
-        if not 0 < quantile <= 1: raise ValueError(f"quantile must be in (0, 1], got {quantile}")
-        scores = self.predict_all(normal_data, batch_size).scores
-        self.threshold = float(np.quantile(scores, quantile, method='higher'))
+    def calibrate(self, normal_data, config: CalibrationConfig | None = None, batch_size: int = 8, *,
+                  quantile: float | None = None) -> float:
+        """Set `threshold` and `pixel_threshold` from normal images only (one prediction pass; see
+        `normal_thresholds` for the rules) and return the image threshold. `calibration` records how.
+        quantile: shorthand for CalibrationConfig(rule='quantile', quantile=quantile)."""
+        if quantile is not None:
+            if config is not None: raise ValueError("pass either config or quantile, not both")
+            config = CalibrationConfig(rule='quantile', quantile=quantile)
+        config = config or CalibrationConfig()
+        config.check()
+        pred = self.predict_all(normal_data, batch_size)
+        self.threshold, self.pixel_threshold, self.calibration = normal_thresholds(pred.scores, pred.maps, config)
         return self.threshold
 
     def decide(self, scores) -> np.ndarray:
@@ -181,6 +345,48 @@ class Detector:
         if not self.fitted: raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(normal_images) or load a saved model")
 
     def __repr__(self): return f"{type(self).__name__}({self.config})"
+
+# %% ../nbs/06_core.ipynb #20a6339b
+_ACTIVE_TIMER: contextvars.ContextVar = contextvars.ContextVar('stampdefect_stage_timer', default=None)
+
+class StageTimer:
+    """Collects wall time per stage for code run inside `with StageTimer() as t:`; `t.seconds` maps each stage
+    name to its own seconds (time in nested stages excluded). Work outside any marked stage counts as 'other'
+    when `t.total()` is asked."""
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._stack: list[list] = []      # [name, start of the running slice]
+    def __enter__(self):
+        self._token, self._t0 = _ACTIVE_TIMER.set(self), time.perf_counter()
+        return self
+    def __exit__(self, *exc):
+        self.elapsed = time.perf_counter() - self._t0
+        _ACTIVE_TIMER.reset(self._token)
+    def _add(self, name: str, dt: float): self.seconds[name] = self.seconds.get(name, 0.0) + dt
+    def total(self) -> dict[str, float]:
+        "Seconds per stage plus 'other' (unmarked time) and 'total', rounded to 0.1 ms."
+        el = getattr(self, 'elapsed', time.perf_counter() - self._t0)
+        out = {k: round(v, 4) for k, v in self.seconds.items()}
+        out['other'] = round(max(0.0, el - sum(self.seconds.values())), 4)
+        out['total'] = round(el, 4)
+        return out
+
+@contextlib.contextmanager
+def stage(name: str):
+    "Mark the block as stage `name` of the active `StageTimer` (a no-op when none is active)."
+    t = _ACTIVE_TIMER.get()
+    if t is None:
+        yield
+        return
+    now = time.perf_counter()
+    if t._stack:                                   # pause the enclosing stage
+        outer = t._stack[-1]; t._add(outer[0], now - outer[1])
+    t._stack.append([name, now])
+    try: yield
+    finally:
+        end = time.perf_counter()
+        t._add(name, end - t._stack.pop()[1])
+        if t._stack: t._stack[-1][1] = end         # resume it
 
 # %% ../nbs/06_core.ipynb #0a41cb68
 def atomic_write(path, write_fn) -> Path:
@@ -227,12 +433,38 @@ def _save(self, path, extra_metadata: dict[str, str] | None = None) -> Path:
     tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_tensors().items()}
     meta = {'format': FORMAT_NAME, 'format_version': str(FORMAT_VERSION), 'method': self.name,
             'config': json.dumps(asdict(self.config)), 'threshold': json.dumps(self.threshold),
+            'pixel_threshold': json.dumps(self.pixel_threshold), 'calibration': json.dumps(self.calibration),
             'extra_state': json.dumps(self.extra_state())}
+    meta.update(self.file_metadata())
     clash = set(extra_metadata or {}) & set(meta)
     if clash: raise ValueError(f"extra_metadata must not replace the model's own entries {sorted(clash)}")
     if any(not isinstance(v, str) for v in (extra_metadata or {}).values()): raise TypeError("extra_metadata values must be strings")
     meta.update(extra_metadata or {})
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+def _upgrade_v1(meta: dict) -> dict:
+    """Metadata of a version-1 model file in today's form (version 2): the tiling options that used to be method
+    options (PatchCore's tile_size / tile_stride / tile_batch, the MNA prior's tile_stride) become the tiling
+    stage's record; the pixel threshold that the pipeline kept in its own metadata moves into the model's; the MNA
+    prior's map_quantile / map_threshold (its own pixel threshold) are dropped: `calibrate` sets it."""
+    meta, cfg = dict(meta), json.loads(meta.get('config', '{}'))
+    tiling = None
+    if cfg.get('tile_size') is not None:                                   # PatchCore's tiled mode
+        tiling = {'size': cfg['tile_size'], 'stride': cfg.get('tile_stride'), 'batch': cfg.get('tile_batch', 16)}
+    elif 'patch_size' in cfg and 'tile_stride' in cfg:                     # latent-prior detectors tiled panels themselves
+        P = cfg['patch_size']
+        tiling = {'size': P, 'stride': cfg['tile_stride'] or P // 2, 'batch': cfg.get('tile_batch', 16)}
+    for k in ('tile_size', 'tile_stride', 'map_quantile') if 'patch_size' in cfg else ('tile_size', 'tile_stride', 'tile_batch'):
+        cfg.pop(k, None)
+    meta['config'] = json.dumps(cfg)
+    if tiling is not None: meta['tiling'] = json.dumps({**tiling, 'blend': 'gaussian'})
+    extra = json.loads(meta.get('extra_state', '{}')); extra.pop('map_threshold', None)
+    meta['extra_state'] = json.dumps(extra)
+    pipe = json.loads(meta.get('stampdefect_pipeline', '{}'))
+    if 'pixel_threshold' not in meta and pipe.get('pixel_threshold') is not None:
+        meta['pixel_threshold'] = json.dumps(pipe['pixel_threshold'])
+    meta['format_version'] = '2'
+    return meta
 
 def _load(cls, path) -> 'Detector':
     "Load a detector saved by `save`; refuses unknown formats and versions; never unpickles."
@@ -240,16 +472,21 @@ def _load(cls, path) -> 'Detector':
     meta, tensors = read_safetensors(path, 'model file', 'a stampdefect model file')
     if meta.get('format') != FORMAT_NAME: raise ValueError(f"{path} is not a stampdefect model file (format {meta.get('format')!r})")
     version = int(meta.get('format_version', -1))
-    if version != FORMAT_VERSION:
+    if version == 1: meta = _upgrade_v1(meta)
+    elif version != FORMAT_VERSION:
         raise ValueError(f"{path} has model format version {version}; this stampdefect reads version {FORMAT_VERSION} (upgrade stampdefect or refit)")
-    _import_builtin_methods()
     method = meta.get('method')
-    if method not in REGISTRY: raise ValueError(f"{path}: unknown method {method!r}; available: {sorted(REGISTRY)}")
-    det_cls = REGISTRY[method]
+    try: det_cls = detector_class(method)
+    except ValueError: raise ValueError(f"{path}: unknown method {method!r}; available: {available_methods()}") from None
     if cls is not Detector and not issubclass(det_cls, cls): raise ValueError(f"{path} holds a {method!r} model, not a {cls.__name__}")
     try:
         det = det_cls(det_cls.Config(**_config_kwargs(det_cls.Config, json.loads(meta['config']), str(path))))
+        if 'tiling' in meta:                      # saved by the tiling stage: wrap the method in it again
+            from stampdefect.tiled import Tiled, TileConfig
+            det = Tiled(det, TileConfig(**json.loads(meta['tiling'])))
         det.threshold = json.loads(meta.get('threshold', 'null'))
+        det.pixel_threshold = json.loads(meta.get('pixel_threshold', 'null'))
+        det.calibration = json.loads(meta.get('calibration', '{}'))
         det.load_extra_state(json.loads(meta.get('extra_state', '{}')))
         det.load_state_tensors(tensors)
     except (KeyError, TypeError, json.JSONDecodeError, RuntimeError) as e:
@@ -271,9 +508,14 @@ class ReferenceDetector(Detector):
     "Per-pixel mean/std of normal images; map = channel-mean |x - mean| / std; score = max of the map."
     Config = ReferenceConfig
 
-    def fit(self, train_data, batch_size: int = 8):
+    @property
+    def capabilities(self) -> Capabilities:
+        "Any size and 1 or 3 channels in fit; predict takes the size and channels it was fitted on."
+        return Capabilities(channels=self.mean.shape[0] if self.fitted else 3)
+
+    def fit(self, train_data, batch_size: int | None = None, progress: bool = False, max_minutes=None, ckpt_dir=None):
         n, s, s2 = 0, None, None
-        for x in iter_batches(train_data, batch_size, 'train_data'):
+        for x in iter_batches(train_data, batch_size or 8, 'train_data'):
             if s is None: s, s2 = torch.zeros_like(x[0], dtype=torch.float64), torch.zeros_like(x[0], dtype=torch.float64)
             elif x.shape[1:] != s.shape: raise ValueError(f"train_data: images must share a shape, got {tuple(x.shape[1:])} and {tuple(s.shape)}")
             s += x.sum(0); s2 += (x.double() ** 2).sum(0); n += len(x)
@@ -285,6 +527,8 @@ class ReferenceDetector(Detector):
     def predict(self, images) -> Prediction:
         self._check_fitted()
         x = check_images(images)
+        if x.shape[1] != self.mean.shape[0]:
+            raise ValueError(f"images: expected {self.mean.shape[0]} channel(s) as in fit, got {x.shape[1]} (shape {tuple(x.shape)})")
         if x.shape[1:] != self.mean.shape:
             raise ValueError(f"images: expected shape (B, {', '.join(map(str, self.mean.shape))}) as in fit, got {tuple(x.shape)}")
         maps = ((x - self.mean).abs() / self.std).mean(1)

@@ -109,6 +109,7 @@ class History:
     values: dict[str, list[float]] = field(default_factory=dict)
     resumed_from: int = 0      # the step this call of `train` started from (0 = a fresh run)
     seconds: float = 0.0       # wall time of this call
+    stopped_on_budget: bool = False   # this call stopped at its max_seconds budget before the last step
 
     def __len__(self) -> int: return len(next(iter(self.values.values()), []))
     def __getitem__(self, name: str) -> np.ndarray:
@@ -225,20 +226,23 @@ def train(step_fn: Callable[[Any], Mapping[str, Any]], modules: nn.Module | Mapp
           scheduler=None, ckpt_path: str | Path | None = None, ckpt_every: int = 0, resume: bool = True,
           seed: int = 0, amp: bool | str = 'auto', amp_dtype: torch.dtype = torch.float16,
           grad_clip: float | None = None, log_every: int = 10, progress: bool = True, desc: str = 'train',
-          on_log: Callable[[int, dict[str, float]], None] | None = None) -> History:
+          on_log: Callable[[int, dict[str, float]], None] | None = None, max_seconds: float | None = None) -> History:
     """Minimise `step_fn(batch)['loss']` (or its first entry) for `steps` total steps and return the `History`.
 
     data: function `gen -> iterable of batches` (one epoch), drawing its randomness from `gen` (see `shuffled_batches`).
     ckpt_path: checkpoint file; written every `ckpt_every` steps (0: only at the end) and at the end; if it exists
         and `resume`, training continues from it exactly (same seed required).
     amp: 'auto' = autocast (`amp_dtype`) + GradScaler (float16 only) on CUDA, nothing on the CPU.
-    on_log: called every `log_every` steps (and at checkpoints and the end) with (step, mean of each value since the last call)."""
+    on_log: called every `log_every` steps (and at checkpoints and the end) with (step, mean of each value since the last call).
+    max_seconds: time budget of this call: when a step ends past it, training stops there, writes the checkpoint
+        (when ckpt_path is given; a later call resumes from it) and returns with `History.stopped_on_budget` True."""
     mods = _as_module_dict(modules)
     if not callable(step_fn): raise TypeError(f"step_fn must be callable, got {type(step_fn).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer): raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if not callable(data): raise TypeError(f"data must be a function gen -> iterable of batches (e.g. shuffled_batches(x, 8)), got {type(data).__name__}")
     for name, v, lo in [('steps', steps, 1), ('ckpt_every', ckpt_every, 0), ('log_every', log_every, 1)]:
         if isinstance(v, bool) or not isinstance(v, int) or v < lo: raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    if max_seconds is not None and not max_seconds > 0: raise ValueError(f"max_seconds must be > 0 or None, got {max_seconds}")
     if grad_clip is not None and not grad_clip > 0: raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip}")
     device = _device_of(mods)
     use_amp = _resolve_amp(amp, device)
@@ -275,7 +279,7 @@ def train(step_fn: Callable[[Any], Mapping[str, Any]], modules: nn.Module | Mapp
     modes = {n: m.training for n, m in mods.items()}
     for m in mods.values(): m.train()
     bar = tqdm(total=steps, initial=start, desc=desc, disable=not progress, leave=True, dynamic_ncols=True)
-    t0, pending = time.time(), []
+    t0, pending, stop = time.time(), [], False
     try:
         for step in range(start + 1, steps + 1):
             batch = _to_device(stream.next(), device)
@@ -292,8 +296,9 @@ def train(step_fn: Callable[[Any], Mapping[str, Any]], modules: nn.Module | Mapp
             scaler.step(optimizer); scaler.update()
             if scheduler is not None: scheduler.step()
             pending.append(logged)
-            save_now = ckpt_path is not None and (step == steps or (ckpt_every and step % ckpt_every == 0))
-            if step % log_every == 0 or step == steps or save_now:
+            stop = max_seconds is not None and step < steps and time.time() - t0 >= max_seconds
+            save_now = ckpt_path is not None and (step == steps or stop or (ckpt_every and step % ckpt_every == 0))
+            if step % log_every == 0 or step == steps or save_now or stop:
                 means = flush(pending); pending = []
                 bar.set_postfix({k: f'{v:.4g}' for k, v in means.items()}, refresh=False)
                 if on_log is not None: on_log(step, means)
@@ -304,7 +309,8 @@ def train(step_fn: Callable[[Any], Mapping[str, Any]], modules: nn.Module | Mapp
                     'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict() if scheduler is not None else None,
                     'scaler': scaler.state_dict() if scaler.is_enabled() else None, 'rng': get_rng_state(), 'data': stream.state(),
                     'history': {k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()}})
+            if stop: break
     finally:
         bar.close()
         for n, m in mods.items(): m.train(modes[n])
-    return History(values, resumed_from=start, seconds=time.time() - t0)
+    return History(values, resumed_from=start, seconds=time.time() - t0, stopped_on_budget=stop)

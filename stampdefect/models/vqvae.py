@@ -1,5 +1,7 @@
-"""The discrete autoencoder of Zhang et al. (seed 000, eq. 2): residual conv encoder/decoder, a 512 x 64 codebook
-learned by exponential moving averages with dead-code restarts, and an L2 + commitment + perceptual loss.
+"""The discrete autoencoder of Zhang, Kong and Park, "Unsupervised Crack Detection in Large Stamped Metal Products
+via Spatial Transformer and U2-Net with Masked Attention and Patch Positional Encoding" (eq. 2): residual conv
+encoder/decoder, a 512 x 64 codebook learned by exponential moving averages with dead-code restarts, and an
+L2 + commitment + perceptual loss.
 
 Docs: https://stampdefect.github.io/stampdefect/vqvae.html.md"""
 
@@ -16,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from ..core import atomic_write, check_images, iter_batches, read_safetensors
+from ..ops import pick_device
 from ..training import History, random_crops, train
 
 # %% auto #0
@@ -25,7 +28,7 @@ __all__ = ['VQVAE_FORMAT', 'VQVAE_VERSION', 'VQVAEConfig', 'ResidualBlock', 'Enc
 # %% ../../nbs/11_vqvae.ipynb #dac695b2
 @dataclass
 class VQVAEConfig:
-    "VQ-VAE of seed 000 (eq. 2) for 256x256 patches; defaults from the VQ-VAE paper and its reference code (see the table)."
+    "VQ-VAE of Zhang, Kong and Park (eq. 2) for 256x256 patches; defaults from the VQ-VAE paper and its reference code (see the table)."
     in_channels: int = 3                 # RGB photos, as in the paper; 1 for grayscale panels
     hidden_channels: int = 128           # encoder/decoder width (Sonnet, rosinality)
     residual_channels: int = 32          # bottleneck width of a residual block
@@ -294,18 +297,18 @@ def _image_list(data, in_channels: int) -> list[torch.Tensor]:
 def fit_vqvae(model: VQVAE, data, steps: int, *, batch_size: int = 8, crop_size: int = 256, lr: float = 3e-4,
               perceptual: nn.Module | str | None = 'auto', batches_per_epoch: int = 100, device: str | torch.device | None = None,
               ckpt_path: str | Path | None = None, ckpt_every: int = 500, seed: int = 0, amp: bool | str = 'auto',
-              log_every: int = 10, progress: bool = True) -> History:
+              log_every: int = 10, progress: bool = True, max_seconds: float | None = None) -> History:
     """Train `model` for `steps` total steps (resuming from `ckpt_path` if it exists) and return the loss `History`.
 
     data: images (tensor (N, C, H, W) or list of (C, H, W), float in [0, 1], any size >= crop_size) to draw random
         `crop_size` crops from, or a data function `gen -> iterable of (B, C, H, W) batches` (see `training.train`).
     perceptual: 'auto' builds `PerceptualLoss.from_backbone(config.perceptual_layers)` when config.perceptual_weight > 0.
-    device: None picks CUDA when available; the model is moved there."""
+    device: None picks CUDA when available; the model is moved there. max_seconds: time budget (see `training.train`)."""
     if not isinstance(model, VQVAE): raise TypeError(f"model must be a VQVAE, got {type(model).__name__}")
     cfg = model.config
     if crop_size % cfg.downsample: raise ValueError(f"crop_size={crop_size} is not a multiple of config.downsample={cfg.downsample}")
     batches = data if callable(data) else random_crops(_image_list(data, cfg.in_channels), crop_size, batch_size, batches_per_epoch)
-    device = torch.device(device if device is not None else 'cuda' if torch.cuda.is_available() else 'cpu')
+    device = pick_device(device)
     model.to(device)
     if isinstance(perceptual, str):
         if perceptual != 'auto': raise ValueError(f"perceptual must be 'auto', None or a module, got {perceptual!r}")
@@ -313,7 +316,7 @@ def fit_vqvae(model: VQVAE, data, steps: int, *, batch_size: int = 8, crop_size:
     if perceptual is not None: perceptual.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     return train(lambda x: model.losses(x, perceptual), model, opt, batches, steps, ckpt_path=ckpt_path, ckpt_every=ckpt_every,
-                 seed=seed, amp=amp, log_every=log_every, progress=progress, desc='vqvae')
+                 seed=seed, amp=amp, log_every=log_every, progress=progress, desc='vqvae', max_seconds=max_seconds)
 
 @torch.no_grad()
 def code_usage(model: VQVAE, images, batch_size: int = 8) -> torch.Tensor:
