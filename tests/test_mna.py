@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from stampdefect.tiled import Tiled, TileConfig
 from stampdefect.core import Detector, get_detector
 from stampdefect.models.mna import (ARPrior, ARPriorConfig, MNA, MNAConfig, MNADetector, MNAPrior, MNAPriorConfig, RSU,
                                     code_nll, crack_map, latent_coords, mna_shifts, replacement_codes)
@@ -159,8 +160,8 @@ def _tiny_detector(name, **kw):
         else dict(channels=8, n_blocks=1)
     cfg = dict(patch_size=16, channels=1, vqvae=dict(hidden_channels=8, residual_channels=4, n_residual_blocks=1,
                codebook_size=16, code_dim=4, perceptual_weight=0.0), prior=prior, vqvae_steps=3, prior_steps=3,
-               vqvae_batch=4, prior_batch=4, calib_patches=8, device='cpu', **kw)
-    return get_detector(name, cfg)
+               vqvae_batch=4, prior_batch=4, calib_patches=8, device='cpu')
+    return get_detector(name, {**cfg, **kw})
 
 
 def _panels(n=2, hw=(24, 40), seed=0):
@@ -176,12 +177,17 @@ def fitted(request):
 
 
 def test_detector_predict_and_round_trip(fitted, tmp_path):
-    assert fitted.nll_threshold is not None and fitted.map_threshold > 0
+    assert fitted.nll_threshold is not None
     patches = _panels(3, (16, 16), seed=5)
     pred = fitted.predict(patches)
     assert pred.maps.shape == (3, 16, 16) and pred.scores.shape == (3,) and pred.extras['nll_map'].shape == (3, 16, 16)
-    panel = fitted.predict(_panels(1, (30, 41), seed=6))          # tiled and stitched
-    assert panel.maps.shape == (1, 30, 41) and np.isfinite(panel.maps).all()
+    cap = fitted.capabilities
+    assert (cap.input_size, cap.uses_positions, cap.fits_on_panels, cap.trained) == (16, True, True, True)
+    tiled = Tiled(fitted, TileConfig(16, 8))
+    tiled.calibrate(_panels(2, (24, 40), seed=7), batch_size=1)
+    assert tiled.pixel_threshold > 0
+    panel = tiled.predict(_panels(1, (30, 41), seed=6))           # tiled and stitched
+    assert panel.maps.shape == (1, 30, 41) and np.isfinite(panel.maps).all() and panel.extras['nll_map'].shape == (1, 30, 41)
     f = fitted.save(tmp_path / 'm.sdm')
     back = Detector.load(f)
     assert type(back) is type(fitted) and back.nll_threshold == fitted.nll_threshold
@@ -207,7 +213,7 @@ def test_detector_resample_modes(fitted):
         fitted.config.resample = 'probable'
         out = fitted.explain(x, threshold=-1.0)
         if isinstance(fitted, MNADetector):                                       # all at once: the prior's argmax
-            logits = fitted._logits(out['codes'], fitted._coords(None, None, 1, out['codes'].shape[-2:]))
+            logits = fitted._logits(out['codes'], fitted._coords(None, 1, out['codes'].shape[-2:]))
             assert torch.equal(out['new_codes'], logits.argmax(1))
         assert out['map'].abs().max() > 0
     finally:
@@ -216,7 +222,8 @@ def test_detector_resample_modes(fitted):
 
 def test_bad_inputs(fitted):
     with pytest.raises(ValueError, match='channel'): fitted.predict(torch.rand(1, 3, 16, 16))
-    with pytest.raises(ValueError, match='smaller than patch_size'): fitted.predict(torch.rand(1, 1, 12, 40))
+    with pytest.raises(ValueError, match='expected patches'): fitted.predict(torch.rand(1, 1, 12, 40))
+    with pytest.raises(ValueError, match='tiling stage'): fitted.predict(torch.rand(1, 1, 24, 40))
     with pytest.raises(ValueError, match=r'\[0, 1\]'): fitted.predict(torch.full((1, 1, 16, 16), 2.0))
     with pytest.raises(ValueError, match='patches'): fitted.explain(torch.rand(1, 1, 24, 24))
     with pytest.raises(RuntimeError, match='not fitted'): _tiny_detector('mna').predict(torch.rand(1, 1, 16, 16))
@@ -225,7 +232,7 @@ def test_bad_inputs(fitted):
     with pytest.raises(ValueError, match='unknown config option'): get_detector('mna', bogus=1)
     with pytest.raises(ValueError, match='resample'): MNAConfig(resample='nearest')
     with pytest.raises(ValueError, match='n_codes'): MNAConfig(prior={'n_codes': 8})
-    with pytest.raises(ValueError, match='tile_stride'): MNAConfig(patch_size=16, tile_stride=32)
+    with pytest.raises(ValueError, match='unknown config option'): get_detector('mna', tile_stride=8)   # a tiling option now
     with pytest.raises(ValueError, match="'full' or 'small'"): MNAPriorConfig(u2net='huge')
     with pytest.raises(ValueError, match='RSU height'): MNAPriorConfig(blocks=('1',))
     with pytest.raises(ValueError, match='odd'): ARPriorConfig(kernel_size=4)
@@ -233,3 +240,13 @@ def test_bad_inputs(fitted):
     with pytest.raises(ValueError, match='z_q must be'): prior(torch.randn(1, 5, 8, 8))
     with pytest.raises(ValueError, match='coords must be'): prior(torch.randn(1, 8, 8, 8), torch.zeros(1, 2, 4, 4))
     with pytest.raises(TypeError, match='int64'): ARPrior(ARPriorConfig(n_codes=4, channels=4)).forward(torch.zeros(1, 3, 3))
+
+
+def test_fit_time_budget_and_resume(tmp_path):
+    "--max-minutes: training stops on the budget with a checkpoint; the same fit again resumes from it."
+    det = _tiny_detector('mna', vqvae_steps=40, prior_steps=2).fit(_panels(), max_minutes=0.02 / 60, ckpt_dir=tmp_path)
+    h = det.history['vqvae']
+    assert h.stopped_on_budget and 0 < len(h) < 40 and det.fitted
+    again = _tiny_detector('mna', vqvae_steps=40, prior_steps=2).fit(_panels(), ckpt_dir=tmp_path)
+    assert again.history['vqvae'].resumed_from == len(h) and not again.history['vqvae'].stopped_on_budget
+    with pytest.raises(ValueError, match='max_minutes'): _tiny_detector('mna').fit(_panels(), max_minutes=0)

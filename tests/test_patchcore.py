@@ -6,8 +6,11 @@ import pytest
 import torch
 
 from stampdefect.core import Detector, get_detector
+from stampdefect.tiled import Tiled, TileConfig
+from stampdefect.tiling import tile
 from stampdefect.models.patchcore import (PatchCore, PatchCoreConfig, RowBuffer, anomalib_style_config, bench_patchcore,
-                                          gaussian_blur, reweighted_score, texture_images, torch_chunked_nn)
+                                          reweighted_score, texture_images)
+from stampdefect.kernels import torch_chunked_knn
 
 SIZE = 64
 
@@ -92,8 +95,8 @@ def test_reweighted_score_formula():
     g = torch.Generator().manual_seed(0)
     bank = torch.cat([0.01 * torch.randn(50, 2, generator=g), torch.tensor([[10., 0.]])])
     feats = torch.tensor([[[10.5, 0.]], [[0.5, 0.]]])
-    d, i = torch_chunked_nn(feats.view(-1, 2), bank)
-    s = reweighted_score(feats, d.view(2, 1), i.view(2, 1), bank, 9, lambda q, b, k: torch_chunked_nn(q, b, k))
+    d, i = torch_chunked_knn(feats.view(-1, 2), bank, squared=False)
+    s = reweighted_score(feats, d.view(2, 1), i.view(2, 1), bank, 9, lambda q, b, k: torch_chunked_knn(q, b, k, squared=False))
     w = s / d.view(-1)
     assert abs(float(w[0]) - 1) < 1e-3                               # isolated bank row: full distance
     assert abs(float(w[1]) - 8 / 9) < 0.02                           # dense cluster: about 1 - 1/9
@@ -104,11 +107,11 @@ def test_reweighted_score_formula():
 def test_torch_chunked_nn_matches_cdist():
     g = torch.Generator().manual_seed(1)
     q, b = torch.randn(2100, 24, generator=g), torch.randn(300, 24, generator=g)
-    d, i = torch_chunked_nn(q, b, k=4)
+    d, i = torch_chunked_knn(q, b, k=4, squared=False)
     ref = torch.cdist(q, b).topk(4, largest=False)
     assert torch.allclose(d, ref.values, atol=1e-4) and torch.equal(i, ref.indices)
     with pytest.raises(ValueError, match='k must be'):
-        torch_chunked_nn(q, b, k=301)
+        torch_chunked_knn(q, b, k=301)
 
 
 def test_fp16_bank(data, fitted):
@@ -166,25 +169,26 @@ def _panels(n, seed, swap=False):
 
 
 def test_tiled_mode_shapes_and_score(data):
-    det = PatchCore(PatchCoreConfig(image_size=None, tile_size=64, tile_stride=48, coreset_ratio=0.05)).fit(_panels(2, 0))
+    det = Tiled(PatchCore(PatchCoreConfig(image_size=None, coreset_ratio=0.05)), TileConfig(64, 48)).fit(_panels(2, 0))
     panel = _panels(1, 9)
     p = det.predict(panel)
     assert p.maps.shape == (1, 64, 256) and p.scores.shape == (1,)
     # the panel's score is the largest tile score: score the tiles as images against the same bank
     plain = PatchCore(PatchCoreConfig(image_size=None, coreset_ratio=0.05))
-    plain.bank, plain.fitted = det.bank, True
-    tiles, _ = det._tiles(panel[0])
+    plain.bank, plain.fitted = det.detector.bank, True
+    tiles, _ = tile(panel[0], 64, 48)
     assert np.isclose(p.scores[0], plain.predict(tiles).scores.max(), rtol=1e-5)
-    with pytest.raises(ValueError, match='smaller than the tile'):
+    with pytest.raises(ValueError, match='smaller than the 64-px tile'):
         det.predict(torch.rand(1, 3, 32, 256))
 
 
 def test_position_aware_banks(tmp_path):
     train, normal, swapped = _panels(3, 0), _panels(2, 10), _panels(2, 20, swap=True)
-    cfg = dict(image_size=None, tile_size=64, coreset_ratio=0.05)
-    glob = PatchCore(PatchCoreConfig(**cfg)).fit(train)
-    pos = PatchCore(PatchCoreConfig(**cfg, position_aware=True)).fit(train)
-    assert len(pos.pos_origins) == 4 and pos.pos_offsets.tolist()[0] == 0 and int(pos.pos_offsets[-1]) == len(pos.pos_bank)
+    cfg = dict(image_size=None, coreset_ratio=0.05)
+    glob = Tiled(PatchCore(PatchCoreConfig(**cfg)), TileConfig(64)).fit(train)
+    pos = Tiled(PatchCore(PatchCoreConfig(**cfg, position_aware=True)), TileConfig(64)).fit(train)
+    pc = pos.detector
+    assert len(pc.pos_origins) == 4 and pc.pos_offsets.tolist()[0] == 0 and int(pc.pos_offsets[-1]) == len(pc.pos_bank)
     # both textures are normal *somewhere*: only the position-aware banks see them in the wrong place
     g_gap = glob.predict(swapped).scores.min() / glob.predict(normal).scores.max()
     p_gap = pos.predict(swapped).scores.min() / pos.predict(normal).scores.max()
@@ -194,7 +198,11 @@ def test_position_aware_banks(tmp_path):
     with pytest.raises(ValueError, match='position-aware banks were fitted'):
         pos.predict(swapped[..., :192])
     with pytest.raises(ValueError, match='panels of one size'):
-        PatchCore(PatchCoreConfig(**cfg, position_aware=True)).fit([train[0], train[1, :, :, :192]])
+        Tiled(PatchCore(PatchCoreConfig(**cfg, position_aware=True)), TileConfig(64)).fit([train[0], train[1, :, :, :192]])
+    with pytest.raises(ValueError, match='need the tile positions'):          # outside the tiling stage
+        PatchCore(PatchCoreConfig(**cfg, position_aware=True)).fit(train)
+    with pytest.raises(ValueError, match="need each tile's position"):
+        pc.predict(train[:1, :, :, :64])
 
 
 def test_bad_inputs(data, fitted):
@@ -209,7 +217,7 @@ def test_bad_inputs(data, fitted):
     with pytest.raises(ValueError, match='no images'):
         PatchCore(PatchCoreConfig(image_size=None)).fit([])
     for bad in [dict(feature_dim=0), dict(coreset_ratio=0), dict(subsample=2), dict(search='faiss'),
-                dict(position_aware=True), dict(tile_size=64), dict(channels=2)]:
+                dict(position_radius=-1), dict(channels=2)]:
         with pytest.raises(ValueError):
             get_detector('patchcore', **bad)
     with pytest.raises(ValueError, match='cannot add dimensions'):
@@ -224,13 +232,6 @@ def test_failed_fit_keeps_the_model(data, fitted):
     with pytest.raises(ValueError):
         det.fit([data[0][0], torch.full((3, SIZE, SIZE), float('nan'))])
     assert det.fitted and np.array_equal(det.predict(data[2]).scores, before)
-
-
-def test_gaussian_blur():
-    imp = torch.zeros(1, 41, 41); imp[0, 20, 20] = 1
-    out = gaussian_blur(imp, 4)
-    assert abs(float(out.sum()) - 1) < 1e-4 and int(out.argmax()) == 20 * 41 + 20
-    assert gaussian_blur(torch.ones(1, 3, 5), 4).shape == (1, 3, 5)
 
 
 def test_anomalib_style_config():

@@ -1,4 +1,4 @@
-"""Seed 000's distribution model over VQ-VAE codes: a U2-Net that never sees the code it predicts nor its
+"""The distribution model of Zhang, Kong and Park (*Unsupervised Crack Detection in Large Stamped Metal Products via Spatial Transformer and U2-Net with Masked Attention and Patch Positional Encoding*) over VQ-VAE codes: a U2-Net that never sees the code it predicts nor its
 neighbours, with patch positional encoding; cracks are the codes it finds unlikely, resampled and decoded. With
 the VQ-VAE + autoregressive-prior baseline of the paper's table.
 
@@ -16,17 +16,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from ..core import Detector, Prediction, check_images, iter_batches, register_detector
+from ..core import Detector, Prediction, Capabilities, TilePositions, check_images, iter_batches, register_detector, stage
 from ..training import History, train
-from ..tiling import tile, stitch
+from ..ops import gaussian_blur, pick_device
 from .vqvae import VQVAE, VQVAEConfig, fit_vqvae
 
 # %% auto #0
 __all__ = ['U2NET_BLOCKS', 'RESAMPLE_MODES', 'shift_down', 'Conv3x3', 'REBNCONV', 'down', 'up_like', 'RSU', 'ChannelAttention',
            'MNA', 'MNAPriorConfig', 'mna_shifts', 'latent_coords', 'positional_encoding', 'U2NetBody', 'MNAPrior',
-           'code_nll', 'replacement_codes', 'gaussian_blur', 'crack_map', 'ARPriorConfig', 'GatedBlock', 'ARPrior',
-           'LatentPriorConfig', 'crops_with_origins', 'LatentPriorDetector', 'MNAConfig', 'MNADetector',
-           'VQVAEARConfig', 'VQVAEARDetector']
+           'code_nll', 'replacement_codes', 'crack_map', 'ARPriorConfig', 'GatedBlock', 'ARPrior', 'LatentPriorConfig',
+           'crops_with_origins', 'LatentPriorDetector', 'MNAConfig', 'MNADetector', 'VQVAEARConfig', 'VQVAEARDetector']
 
 # %% ../../nbs/12_mna_prior.ipynb #f273bc7f
 def shift_down(x: torch.Tensor, m: int) -> torch.Tensor:
@@ -117,7 +116,7 @@ class ChannelAttention(nn.Module):
         return x * w[..., None]
 
 class MNA(nn.Module):
-    """Multi-scale neighbour-masked attention (seed 000, Fig. 3) for one skip connection, one direction.
+    """Multi-scale neighbour-masked attention (Zhang, Kong & Park, Fig. 3) for one skip connection, one direction.
 
     x: (B, C, H, W) causal features (row i depends on input rows <= i) -> (B, C, H, W) whose row i depends only on
     input rows <= i - m for the smallest shift m. For each shift m in `shifts` a masked 3x3 convolution looks at
@@ -143,7 +142,7 @@ _DE = {'full': [(16, 64), (32, 64), (64, 128), (128, 256), (256, 512)], 'small':
 
 @dataclass
 class MNAPriorConfig:
-    """The distribution model of seed 000 (Fig. 4): U2-Net with MNA skips and patch positional encoding.
+    """The distribution model of Zhang, Kong & Park (Fig. 4): U2-Net with MNA skips and patch positional encoding.
     Defaults: U2-Net as in Qin et al.; what the seed paper leaves open is marked in the chapter's table."""
     n_codes: int = 512                   # K, the VQ-VAE's codebook size
     code_dim: int = 64                   # D: the prior reads z_q, the codebook vectors of the codes (eq. 3)
@@ -251,7 +250,7 @@ class U2NetBody(nn.Module):
 
 # %% ../../nbs/12_mna_prior.ipynb #a9a46197
 class MNAPrior(nn.Module):
-    """p(c_j | z_q outside j's neighbourhood) at every latent position (seed 000, eq. 3-4 with the MNA mask).
+    """p(c_j | z_q outside j's neighbourhood) at every latent position (Zhang, Kong & Park, eq. 3-4 with the MNA mask).
 
     forward(z_q (B, D, h, w) float, coords (B, 2, h, w) in [0, 1] or None) -> logits (B, K, h, w).
     masked: four copies of a causal U2-Net body look up, left, down and right (by rotating the input, shared
@@ -313,25 +312,15 @@ def replacement_codes(codes: torch.Tensor, logits: torch.Tensor, codebook: torch
         return d.argmax(1)[codes]
     raise ValueError(f"resample mode must be one of {RESAMPLE_MODES}, got {mode!r}")
 
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    "Separable Gaussian smoothing of maps (B, H, W) float32 (replicate borders, radius ceil(3 sigma)); sigma 0: unchanged."
-    if sigma <= 0: return maps
-    r = int(math.ceil(3 * sigma))
-    k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32, device=maps.device) ** 2 / (2 * sigma ** 2))
-    k = k / k.sum()
-    x = F.pad(maps[:, None].float(), (r, r, r, r), mode='replicate')
-    x = F.conv2d(x, k.view(1, 1, 1, -1))
-    return F.conv2d(x, k.view(1, 1, -1, 1))[:, 0]
-
 def crack_map(x_rec: torch.Tensor, x_res: torch.Tensor, sigma: float = 2.0) -> torch.Tensor:
-    """Seed 000's crack indication: |decode(original codes) - decode(resampled codes)|, mean over channels,
+    """The paper's crack indication: |decode(original codes) - decode(resampled codes)|, mean over channels,
     Gaussian-smoothed. x_rec, x_res: (B, C, H, W) -> (B, H, W) float32, exactly 0 where no code changed nearby."""
-    return gaussian_blur((x_rec.float() - x_res.float()).abs().mean(1), sigma)
+    return gaussian_blur((x_rec.float() - x_res.float()).abs().mean(1), sigma, radius=math.ceil(3 * sigma), padding='replicate')
 
 # %% ../../nbs/12_mna_prior.ipynb #57a61eba
 @dataclass
 class ARPriorConfig:
-    """Autoregressive prior of the VQ-VAE2-PixelSNAIL baseline (seed 000, Table 1; Chen et al. 2018), reduced:
+    """Autoregressive prior of the VQ-VAE2-PixelSNAIL baseline (Zhang, Kong & Park, Table 1; Chen et al. 2018), reduced:
     gated causal convolutions (a vertical and a horizontal stack, no blind spot) and optional causal attention.
     Defaults follow rosinality's top prior where it fits a CPU (channel 256 -> 128, see the chapter)."""
     n_codes: int = 512
@@ -416,8 +405,7 @@ class ARPrior(nn.Module):
 @dataclass
 class LatentPriorConfig:
     "Shared options of the two latent-prior detectors (MNA and the autoregressive baseline)."
-    patch_size: int = 256                # seed 000: 256 x 256 patches
-    tile_stride: int | None = None       # panels: tile stride (default patch_size // 2, Gaussian-blended)
+    patch_size: int = 256                # Zhang, Kong & Park: 256 x 256 patches
     channels: int = 3                    # image channels (the VQ-VAE's in_channels)
     vqvae: dict = field(default_factory=dict)   # VQVAEConfig overrides (defaults: chapter 11, the paper's eq. 2)
     prior: dict = field(default_factory=dict)   # prior config overrides (n_codes and code_dim come from the VQ-VAE)
@@ -433,16 +421,13 @@ class LatentPriorConfig:
     smooth_sigma: float = 2.0            # Gaussian smoothing of the crack map, pixels
     score: str = 'max'                   # image score from the map: 'max' or 'topk' (mean of the topk largest pixels)
     topk: int = 100
-    map_quantile: float = 0.999          # pixel threshold (map_threshold) = this quantile of normal maps
-    calib_patches: int = 256             # normal patches used to set the two thresholds
+    calib_patches: int = 256             # normal patches that set nll_threshold
     tile_batch: int = 16                 # patches per forward pass in predict
     device: str | None = None            # None: CUDA when available
     seed: int = 0
 
     def __post_init__(self):
         if self.patch_size < 4: raise ValueError(f"{type(self).__name__}.patch_size must be >= 4, got {self.patch_size}")
-        if self.tile_stride is not None and not 1 <= self.tile_stride <= self.patch_size:
-            raise ValueError(f"{type(self).__name__}.tile_stride must be in [1, patch_size={self.patch_size}], got {self.tile_stride}")
         if self.channels not in (1, 3): raise ValueError(f"{type(self).__name__}.channels must be 1 or 3, got {self.channels}")
         if not isinstance(self.vqvae, dict) or not isinstance(self.prior, dict):
             raise TypeError(f"{type(self).__name__}.vqvae and .prior must be dicts of config overrides")
@@ -452,8 +437,7 @@ class LatentPriorConfig:
             raise ValueError(f"{type(self).__name__}.vqvae['in_channels']={self.vqvae['in_channels']} differs from channels={self.channels}")
         for k in ('vqvae_steps', 'prior_steps', 'vqvae_batch', 'prior_batch', 'calib_patches', 'tile_batch', 'topk', 'resample_iters'):
             if getattr(self, k) < 1: raise ValueError(f"{type(self).__name__}.{k} must be >= 1, got {getattr(self, k)}")
-        for k in ('nll_quantile', 'map_quantile'):
-            if not 0 < getattr(self, k) < 1: raise ValueError(f"{type(self).__name__}.{k} must be in (0, 1), got {getattr(self, k)}")
+        if not 0 < self.nll_quantile < 1: raise ValueError(f"{type(self).__name__}.nll_quantile must be in (0, 1), got {self.nll_quantile}")
         if self.resample not in RESAMPLE_MODES: raise ValueError(f"{type(self).__name__}.resample must be one of {RESAMPLE_MODES}, got {self.resample!r}")
         if self.score not in ('max', 'topk'): raise ValueError(f"{type(self).__name__}.score must be 'max' or 'topk', got {self.score!r}")
         if self.smooth_sigma < 0: raise ValueError(f"{type(self).__name__}.smooth_sigma must be >= 0, got {self.smooth_sigma}")
@@ -487,16 +471,16 @@ def crops_with_origins(panels: list[torch.Tensor], size: int, batch_size: int, b
 # %% ../../nbs/12_mna_prior.ipynb #94693985
 class LatentPriorDetector(Detector):
     """VQ-VAE + a prior over its codes; codes the prior finds unlikely are resampled, both code grids are decoded and
-    the crack map is their difference (seed 000, Fig. 5). Subclasses provide the prior (`_build_prior`,
+    the crack map is their difference (Fig. 5 of the SAM + STN + VQ-VAE paper this project builds on). Subclasses provide the prior (`_build_prior`,
     `_logits`) and the restoration order (`_restore`)."""
     Config: ClassVar[type] = LatentPriorConfig
+    presets: ClassVar[dict] = {}                  # set per detector below: 'tiny', 'cpu', 'paper'
 
     def __init__(self, config=None):
         super().__init__(config)
         self.vqvae: VQVAE | None = None
         self.prior: nn.Module | None = None
-        self.nll_threshold: float | None = None
-        self.map_threshold: float | None = None
+        self.nll_threshold: float | None = None       # codes more surprising than this are resampled
         self.history: dict[str, History] = {}
 
     # -- to implement -------------------------------------------------------------------------------------
@@ -505,6 +489,14 @@ class LatentPriorDetector(Detector):
     def _restore(self, codes: torch.Tensor, coords: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
         "(resampled codes (B, h, w), NLL of the original codes (B, h, w))."
         raise NotImplementedError
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Patches of patch_size with their positions; fit takes whole panels (it cuts its own random crops, each
+        with its origin); trained networks. Panels go through the tiling stage: Tiled(det, TileConfig(P, P // 2))."""
+        c = self.config
+        return Capabilities(input_size=c.patch_size, channels=c.channels, trained=True, uses_positions=True,
+                            fits_on_panels=True, min_size=c.patch_size)
 
     # -- building blocks ----------------------------------------------------------------------------------
     @property
@@ -515,28 +507,36 @@ class LatentPriorDetector(Detector):
         vq = self.vqvae.config
         return {**self.config.prior, 'n_codes': vq.codebook_size}
 
-    def _coords(self, origins, panel_hw, n: int, latent_hw) -> torch.Tensor:
+    def _coords(self, positions: TilePositions | None, n: int, latent_hw) -> torch.Tensor:
         P = self.config.patch_size
-        if origins is None: origins, panel_hw = np.zeros((n, 2)), (P, P)
-        return latent_coords(origins, (P, P), panel_hw, latent_hw).to(self.device)
+        if positions is None: positions = TilePositions(np.zeros((n, 2)), (P, P))
+        if len(positions) != n: raise ValueError(f"positions has {len(positions)} rows for {n} patches")
+        return latent_coords(positions.origins, (P, P), positions.panel_hw, latent_hw).to(self.device)
+
+    def _check_patches(self, x, name: str = 'x') -> torch.Tensor:
+        x = check_images(x, name)
+        P = self.config.patch_size
+        if x.shape[1] != self.config.channels:
+            raise ValueError(f"{name}: expected {self.config.channels} channel(s) (config.channels), got {x.shape[1]} (shape {tuple(x.shape)})")
+        if x.shape[1:] != (self.config.channels, P, P):
+            raise ValueError(f"{name}: expected patches (B, {self.config.channels}, {P}, {P}), got {tuple(x.shape)}; "
+                             f"larger images go through the tiling stage, Tiled(detector, TileConfig({P}, {P // 2}))")
+        return x
 
     @torch.no_grad()
-    def explain(self, x: torch.Tensor, origins=None, panel_hw=None, threshold: float | None = None) -> dict[str, torch.Tensor]:
-        """Run the whole detection on patches x: (B, C, P, P) in [0, 1] cut at `origins` (B, 2) from panels of size
-        `panel_hw` (default: each patch is its own panel). threshold: NLL threshold (default: the fitted one).
+    def explain(self, x: torch.Tensor, positions: TilePositions | None = None, threshold: float | None = None) -> dict[str, torch.Tensor]:
+        """Run the whole detection on patches x: (B, C, P, P) in [0, 1] cut at `positions` (default: each patch is
+        its own panel). threshold: NLL threshold (default: the fitted one).
         Returns dict: codes, new_codes (B, h, w) int64; nll (B, h, w) float32 (of the original codes); resampled
         (B, h, w) bool; x_rec, x_res (B, C, P, P) decodings of the original and resampled codes; map (B, P, P)."""
         self._check_fitted()
-        x = check_images(x, 'x')
-        P = self.config.patch_size
-        if x.shape[1:] != (self.config.channels, P, P):
-            raise ValueError(f"x: expected patches (B, {self.config.channels}, {P}, {P}), got {tuple(x.shape)}")
+        x = self._check_patches(x)
         thr = self.nll_threshold if threshold is None else float(threshold)
         was = self.prior.training; self.prior.eval(); self.vqvae.eval()
         try:
             x = x.to(self.device)
             codes = self.vqvae.encode(x)[1]
-            coords = self._coords(origins, panel_hw, len(x), codes.shape[-2:])
+            coords = self._coords(positions, len(x), codes.shape[-2:])
             new, nll = self._restore(codes, coords, thr)
             x_rec, x_res = self.vqvae.decode_codes(codes), self.vqvae.decode_codes(new)
         finally:
@@ -544,27 +544,48 @@ class LatentPriorDetector(Detector):
         return {'codes': codes, 'new_codes': new, 'nll': nll, 'resampled': new != codes, 'x_rec': x_rec, 'x_res': x_res,
                 'map': crack_map(x_rec, x_res, self.config.smooth_sigma)}
 
+    @torch.no_grad()
+    def replacement_candidates(self, x: torch.Tensor, positions: TilePositions | None = None) -> dict[str, torch.Tensor]:
+        """What resampling would put at every code position of patches x (B, C, P, P), in one prior pass over the
+        original codes (what the latent explorer shows): codes, candidates (B, h, w) int64; nll (B, h, w) float32;
+        x_rec (B, C, P, P), the decoding of the original codes."""
+        self._check_fitted()
+        x = self._check_patches(x).to(self.device)
+        was = self.prior.training; self.prior.eval()
+        try:
+            codes = self.vqvae.encode(x)[1]
+            logits = self._logits(codes, self._coords(positions, len(x), codes.shape[-2:]))
+            cand = replacement_codes(codes, logits, self.vqvae.codebook.embed, self.config.resample)
+        finally:
+            self.prior.train(was)
+        return {'codes': codes, 'candidates': cand, 'nll': code_nll(logits, codes), 'x_rec': self.vqvae.decode_codes(codes)}
+
     # -- fit ----------------------------------------------------------------------------------------------
-    def fit(self, train_data, vqvae: VQVAE | None = None, calib_data=None, progress: bool = False,
-            ckpt_dir=None, ckpt_every: int = 200) -> 'LatentPriorDetector':
+    def fit(self, train_data, batch_size: int | None = None, progress: bool = False, max_minutes: float | None = None,
+            ckpt_dir=None, vqvae: VQVAE | None = None, calib_data=None, ckpt_every: int = 200) -> 'LatentPriorDetector':
         """Train on normal images only: the VQ-VAE on random patch_size crops (skipped when a trained `vqvae` is given),
-        then the prior on the codes of random crops, then the two thresholds on `calib_patches` crops of `calib_data`
+        then the prior on the codes of random crops, then nll_threshold on `calib_patches` crops of `calib_data`
         (default: train_data). train_data: images (any size >= patch_size) in anything `iter_batches` accepts.
-        ckpt_dir: an existing folder, one per model, for the training checkpoints (written every `ckpt_every` steps);
-        a later fit with the same folder and config resumes from them. None: no checkpoints."""
+        batch_size: not used (the batch sizes are the config's vqvae_batch and prior_batch).
+        max_minutes: time budget of the two trainings together (the VQ-VAE may take half of it; each stops at its
+        share with a checkpoint, and `history[...].stopped_on_budget` says so). ckpt_dir: an existing folder, one
+        per model, for the training checkpoints (written every `ckpt_every` steps); a later fit with the same
+        folder and config resumes from them. None: no checkpoints."""
         c = self.config
         panels = _panels(train_data, c.channels, c.patch_size, 'train_data')
         calib = panels if calib_data is None else _panels(calib_data, c.channels, c.patch_size, 'calib_data')
-        dev = torch.device(c.device if c.device is not None else 'cuda' if torch.cuda.is_available() else 'cpu')
+        dev = pick_device(c.device)
         if ckpt_dir is not None and not Path(ckpt_dir).is_dir(): raise FileNotFoundError(f"ckpt_dir {ckpt_dir} is not an existing folder")
         ck = (lambda name: None) if ckpt_dir is None else (lambda name: Path(ckpt_dir) / f'{self.name}_{name}.ckpt')
         t0 = time.time()
+        budget = None if max_minutes is None else 60.0 * max_minutes
+        if budget is not None and budget <= 0: raise ValueError(f"max_minutes must be positive, got {max_minutes}")
         if vqvae is None:
             torch.manual_seed(c.seed)
             vqvae = VQVAE(c.vqvae_config())
             self.history['vqvae'] = fit_vqvae(vqvae, panels, c.vqvae_steps, batch_size=c.vqvae_batch, crop_size=c.patch_size,
                                               lr=c.vqvae_lr, device=dev, ckpt_path=ck('vqvae'), ckpt_every=ckpt_every, seed=c.seed,
-                                              progress=progress)
+                                              progress=progress, max_seconds=None if budget is None else budget / 2)
         else:
             if not isinstance(vqvae, VQVAE): raise TypeError(f"vqvae must be a trained VQVAE, got {type(vqvae).__name__}")
             if vqvae.config.in_channels != c.channels:
@@ -586,23 +607,28 @@ class LatentPriorDetector(Detector):
 
         self.history['prior'] = train(step, self.prior, opt, crops_with_origins(panels, P, c.prior_batch), c.prior_steps,
                                       ckpt_path=ck('prior'), ckpt_every=ckpt_every, seed=c.seed, progress=progress,
-                                      desc=f'{self.name} prior')
+                                      desc=f'{self.name} prior',
+                                      max_seconds=None if budget is None else max(1.0, budget - (time.time() - t0)))
         self.prior.eval()
         self.fitted = True
-        self._calibrate_thresholds(calib)
+        self._calibrate_nll(calib)
         self.fit_seconds = time.time() - t0
         return self
 
     @torch.no_grad()
-    def _calibrate_thresholds(self, panels: list[torch.Tensor]) -> None:
-        "nll_threshold: nll_quantile of the NLLs of normal codes; map_threshold: map_quantile of normal crack-map pixels."
+    def _calibrate_nll(self, panels: list[torch.Tensor]) -> None:
+        """nll_threshold: the nll_quantile of the NLLs of normal codes (which codes to resample: part of the method;
+        the decision thresholds come from `calibrate`, as for every detector)."""
         c, P = self.config, self.config.patch_size
         crops, origins, hw = next(crops_with_origins(panels, P, c.calib_patches, 1)(torch.Generator().manual_seed(c.seed + 1)))
-        chunks = [(crops[i:i + c.tile_batch], origins[i:i + c.tile_batch], hw[i:i + c.tile_batch]) for i in range(0, len(crops), c.tile_batch)]
-        nll = torch.cat([self.explain(x, o, h, threshold=float('inf'))['nll'].flatten().cpu() for x, o, h in chunks])
+        self.prior.eval()
+        nll = []
+        for i in range(0, len(crops), c.tile_batch):          # crops of panels of any size: coordinates per crop
+            codes = self.vqvae.encode(crops[i:i + c.tile_batch].to(self.device))[1]
+            coords = latent_coords(origins[i:i + c.tile_batch], (P, P), hw[i:i + c.tile_batch], codes.shape[-2:]).to(self.device)
+            nll.append(code_nll(self._logits(codes, coords), codes).flatten().cpu())
+        nll = torch.cat(nll)
         self.nll_threshold = float(torch.quantile(nll.double(), c.nll_quantile))
-        maps = torch.cat([self.explain(x, o, h)['map'].flatten().cpu() for x, o, h in chunks])
-        self.map_threshold = max(float(np.quantile(maps.numpy(), c.map_quantile)), 1e-6)   # > 0: a map of exact zeros is normal
 
     # -- predict ------------------------------------------------------------------------------------------
     def _image_scores(self, maps: torch.Tensor) -> torch.Tensor:
@@ -611,41 +637,24 @@ class LatentPriorDetector(Detector):
         return flat.topk(min(self.config.topk, flat.shape[1]), 1).values.mean(1)
 
     @torch.no_grad()
-    def predict(self, images, origins=None, panel_hw=None) -> Prediction:
-        """images: (B, C, H, W) float32 in [0, 1], H, W >= patch_size. A larger image (a panel) is tiled (tile_stride),
-        each tile carries its position, and the tile maps are stitched back with Gaussian blending. A patch-sized
-        image is one patch; `origins` (B, 2) and `panel_hw` (H, W) say where it was cut (default: it is its own
-        panel). Returns scores (B,), maps (B, H, W) and extras nll_map (B, H, W) (NLL of each code, upsampled and
-        stitched) and resampled_fraction (B,)."""
+    def predict(self, images, positions: TilePositions | None = None) -> Prediction:
+        """images: patches (B, C, P, P) float32 in [0, 1], P = patch_size; `positions` says where each was cut
+        (default: each patch is its own panel). Panels go through the tiling stage, which passes the positions.
+        Returns scores (B,), maps (B, P, P) and extras nll_map (B, P, P) (NLL of each code, upsampled) and
+        resampled_fraction (B,)."""
         self._check_fitted()
-        x = check_images(images)
+        x = self._check_patches(images, 'images')
         c, P = self.config, self.config.patch_size
-        if x.shape[1] != c.channels: raise ValueError(f"images: expected {c.channels} channel(s) (config.channels), got {x.shape[1]} (shape {tuple(x.shape)})")
-        B, _, H, W = x.shape
-        if H < P or W < P: raise ValueError(f"images are {H}x{W}, smaller than patch_size={P}: resize them or use a smaller patch_size")
-        if origins is not None:
-            if (H, W) != (P, P): raise ValueError(f"origins only apply to patch-sized images ({P}x{P}), got {H}x{W} (panels are tiled)")
-            origins = np.asarray(origins, dtype=np.int64).reshape(-1, 2)
-            if len(origins) != B: raise ValueError(f"origins has {len(origins)} rows for {B} images")
-            if panel_hw is None: raise ValueError("origins need panel_hw, the (H, W) of the panel the patches were cut from")
+        if positions is not None and len(positions) != len(x): raise ValueError(f"positions has {len(positions)} rows for {len(x)} images")
         maps, nll_maps, frac = [], [], []
-        for b in range(B):
-            if (H, W) == (P, P):
-                tiles, tile_origins, hw = x[b:b + 1], (np.zeros((1, 2), np.int64) if origins is None else origins[b:b + 1]), (H, W) if origins is None else panel_hw
-            else: (tiles, tile_origins), hw = tile(x[b], P, c.tile_stride or P // 2), (H, W)
-            tm, tn, nres = [], [], 0
-            for i in range(0, len(tiles), c.tile_batch):
-                out = self.explain(torch.as_tensor(tiles[i:i + c.tile_batch]), tile_origins[i:i + c.tile_batch], hw)
-                tm.append(out['map'].cpu()); nres += int(out['resampled'].sum())
-                tn.append(F.interpolate(out['nll'][:, None].cpu(), size=(P, P), mode='nearest')[:, 0])
-            tm, tn = torch.cat(tm), torch.cat(tn)
-            if len(tm) == 1: maps.append(tm[0]); nll_maps.append(tn[0])
-            else:
-                maps.append(torch.as_tensor(stitch(tm, tile_origins, (H, W), blend='gaussian')))
-                nll_maps.append(torch.as_tensor(stitch(tn, tile_origins, (H, W), blend='gaussian')))
-            frac.append(nres / (len(tm) * out['nll'][0].numel()))
-        maps = torch.stack(maps)
-        return Prediction(self._image_scores(maps), maps, {'nll_map': torch.stack(nll_maps), 'resampled_fraction': torch.tensor(frac)})
+        for i in range(0, len(x), c.tile_batch):
+            with stage('detect'):
+                out = self.explain(x[i:i + c.tile_batch], None if positions is None else positions[i:i + c.tile_batch])
+            maps.append(out['map'].cpu())
+            nll_maps.append(F.interpolate(out['nll'][:, None].cpu(), size=(P, P), mode='nearest')[:, 0])
+            frac.append(out['resampled'].flatten(1).float().mean(1).cpu())
+        maps = torch.cat(maps)
+        return Prediction(self._image_scores(maps), maps, {'nll_map': torch.cat(nll_maps), 'resampled_fraction': torch.cat(frac)})
 
     # -- persistence --------------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -653,7 +662,7 @@ class LatentPriorDetector(Detector):
                 **{f'prior.{k}': v for k, v in self.prior.state_dict().items()}}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        dev = torch.device(self.config.device if self.config.device is not None else 'cuda' if torch.cuda.is_available() else 'cpu')
+        dev = pick_device(self.config.device)
         self.vqvae = VQVAE(self.config.vqvae_config())
         self.vqvae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith('vqvae.')})
         self.vqvae = self.vqvae.to(dev).eval().requires_grad_(False)
@@ -661,22 +670,36 @@ class LatentPriorDetector(Detector):
         self.prior.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith('prior.')})
         self.prior = self.prior.to(dev).eval()
 
-    def extra_state(self) -> dict: return {'nll_threshold': self.nll_threshold, 'map_threshold': self.map_threshold}
+    def extra_state(self) -> dict: return {'nll_threshold': self.nll_threshold}
     def load_extra_state(self, state: dict) -> None:
-        self.nll_threshold, self.map_threshold = state.get('nll_threshold'), state.get('map_threshold')
+        self.nll_threshold = state.get('nll_threshold')
         if self.nll_threshold is None: raise KeyError('nll_threshold missing from the model file')
 
 # %% ../../nbs/12_mna_prior.ipynb #f13c24b2
 @dataclass
 class MNAConfig(LatentPriorConfig):
-    "MNA detector of seed 000: VQ-VAE (eq. 2) + U2-Net prior with MNA and patch positional encoding (`prior`: MNAPriorConfig overrides)."
+    "MNA detector of Zhang, Kong & Park: VQ-VAE (eq. 2) + U2-Net prior with MNA and patch positional encoding (`prior`: MNAPriorConfig overrides)."
     prior_lr: float = 1e-3               # U2-Net's Adam learning rate
     prior_batch: int = 12                # U2-Net's batch size
 
 @register_detector('mna')
 class MNADetector(LatentPriorDetector):
-    "Seed 000's detector: codes whose NLL under the MNA prior is high are resampled, all at once; map = decoding difference."
+    "The paper's detector: codes whose NLL under the MNA prior is high are resampled, all at once; map = decoding difference."
     Config = MNAConfig
+    presets = {
+        # tests: 32-px patches (8 x 8 codes), 16 codes of 8 numbers, 200 + 100 steps: seconds, and it already finds
+        # an obvious defect on a simple texture (the contract test checks that)
+        'tiny': dict(patch_size=32, channels=1, vqvae=dict(hidden_channels=16, residual_channels=8, n_residual_blocks=1,
+                     codebook_size=16, code_dim=8, perceptual_weight=0.0), vqvae_steps=200, prior_steps=100,
+                     vqvae_batch=8, prior_batch=8, calib_patches=16, vqvae_lr=3e-3, prior_lr=3e-3, device='cpu',
+                     prior=dict(u2net='small', width=0.25, blocks=('4', '4F'), side_channels=8, head_channels=16)),
+        # a 2-core CPU: the configuration of the shipped demo model (64-px patches, K = 128, 1,500 steps each)
+        'cpu': dict(patch_size=64, vqvae_steps=1500, prior_steps=1500, vqvae_batch=16, prior_batch=16, vqvae_lr=1e-3,
+                    calib_patches=256, tile_batch=64, vqvae=dict(hidden_channels=64, residual_channels=32,
+                    n_residual_blocks=2, codebook_size=128, code_dim=32),
+                    prior=dict(u2net='small', width=0.5, blocks=('5', '4', '4F'), side_channels=16, head_channels=64)),
+        'paper': {},                              # the defaults: 256-px patches, K = 512, 5,000 steps each
+    }
 
     def _build_prior(self) -> MNAPrior:
         return MNAPrior(MNAPriorConfig(**{**self._prior_kwargs(), 'code_dim': self.vqvae.config.code_dim}))
@@ -699,7 +722,7 @@ class MNADetector(LatentPriorDetector):
 # %% ../../nbs/12_mna_prior.ipynb #6dfb2253
 @dataclass
 class VQVAEARConfig(LatentPriorConfig):
-    "VQ-VAE + autoregressive prior baseline (seed 000, Table 1), restored in raster order (`prior`: ARPriorConfig overrides)."
+    "VQ-VAE + autoregressive prior baseline (Zhang, Kong & Park, Table 1), restored in raster order (`prior`: ARPriorConfig overrides)."
     prior_lr: float = 3e-4               # rosinality PixelSNAIL
     prior_batch: int = 32                # rosinality PixelSNAIL
 
@@ -708,6 +731,8 @@ class VQVAEARDetector(LatentPriorDetector):
     """Latent restoration with an autoregressive prior (Marimont & Tarroni): in raster order, every code whose NLL given
     the (already restored) codes before it exceeds the threshold is replaced; one prior pass per replacement."""
     Config = VQVAEARConfig
+    presets = {'tiny': {**MNADetector.presets['tiny'], 'prior': dict(channels=8, n_blocks=1)},
+               'cpu': {**MNADetector.presets['cpu'], 'prior': dict(channels=64, n_blocks=3)}, 'paper': {}}
 
     def _build_prior(self) -> ARPrior: return ARPrior(ARPriorConfig(**self._prior_kwargs()))
     def _logits(self, codes, coords): return self.prior(codes)

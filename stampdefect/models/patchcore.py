@@ -14,15 +14,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from ..core import Detector, Prediction, register_detector, check_images, iter_batches, file_sha256
+from ..core import Detector, Prediction, Capabilities, TilePositions, register_detector, check_images, iter_batches, file_sha256, stage
 from ..backbones import get_backbone
-from ..kernels import knn, greedy_coreset
-from ..tiling import tile, stitch
+from ..kernels import knn, greedy_coreset, torch_chunked_knn
+from ..ops import gaussian_blur, resize_images, resize_maps
+from ..tiled import TileStream
 from ..bench import register_bench, measure, report
 
 # %% auto #0
-__all__ = ['PatchCoreConfig', 'anomalib_style_config', 'torch_chunked_nn', 'reweighted_score', 'gaussian_blur', 'RowBuffer',
-           'PatchCore', 'texture_images', 'bench_patchcore']
+__all__ = ['PatchCoreConfig', 'anomalib_style_config', 'reweighted_score', 'RowBuffer', 'PatchCore', 'texture_images',
+           'bench_patchcore']
 
 # %% ../../nbs/10_patchcore.ipynb #7f2e6057
 @dataclass
@@ -44,10 +45,7 @@ class PatchCoreConfig:
     image_score: str = 'reweight'          # 'reweight': paper eq. 7 as anomalib; 'max': plain max patch (official code)
     blur_sigma: float = 4.0                # Gaussian smoothing of the anomaly map in pixels (paper: 4)
     search: str = 'kernel'                 # 'kernel': stampdefect.kernels.knn; 'torch': anomalib's chunked matmul
-    tile_size: int | None = None           # tiled mode for large panels: tile side in pixels
-    tile_stride: int | None = None         # step between tiles (default tile_size: no overlap)
-    tile_batch: int = 16                   # tiles embedded at once (bounds memory on big panels)
-    position_aware: bool = False           # tiled mode: one bank per tile position (for aligned panels)
+    position_aware: bool = False           # one bank per tile position (aligned panels, through the tiling stage)
     position_radius: int = 1               # ... holding also the banks of positions up to this many tiles away
     seed: int = 0                          # subsampling, projection and coreset start
 
@@ -63,8 +61,8 @@ def _check_config(c: PatchCoreConfig) -> None:
         if v is None and none_ok: return
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"PatchCoreConfig.{name} must be a positive int{' or None' if none_ok else ''}, got {v!r}")
-    for k in ('image_size', 'feature_dim', 'tile_size', 'tile_stride'): pos_int(k)
-    for k in ('coreset_proj_dim', 'num_neighbors', 'tile_batch'): pos_int(k, none_ok=False)
+    for k in ('image_size', 'feature_dim'): pos_int(k)
+    for k in ('coreset_proj_dim', 'num_neighbors'): pos_int(k, none_ok=False)
     if c.channels not in (1, 3): raise ValueError(f"PatchCoreConfig.channels must be 1 or 3, got {c.channels!r}")
     if not 0 < c.coreset_ratio <= 1: raise ValueError(f"PatchCoreConfig.coreset_ratio must be in (0, 1], got {c.coreset_ratio}")
     if not 0 < c.subsample <= 1: raise ValueError(f"PatchCoreConfig.subsample must be in (0, 1], got {c.subsample}")
@@ -73,40 +71,15 @@ def _check_config(c: PatchCoreConfig) -> None:
         raise ValueError(f"PatchCoreConfig.position_radius must be an int >= 0, got {c.position_radius!r}")
     if isinstance(c.layers, str) or len(c.layers) < 1:
         raise ValueError(f"PatchCoreConfig.layers must be a non-empty tuple of backbone taps, got {c.layers!r}")
-    if c.tile_size is None and (c.tile_stride is not None or c.position_aware):
-        raise ValueError("PatchCoreConfig: tile_stride and position_aware need tiled mode; set tile_size")
-    if c.tile_size is not None and c.image_size is not None:
-        raise ValueError("PatchCoreConfig: tiled mode works on full-resolution panels; set image_size=None "
-                         f"(got image_size={c.image_size}, tile_size={c.tile_size})")
-    if c.tile_stride is not None and c.tile_stride > c.tile_size:
-        raise ValueError(f"PatchCoreConfig.tile_stride ({c.tile_stride}) must not exceed tile_size ({c.tile_size}): tiles would leave gaps")
 
 def anomalib_style_config(**overrides) -> PatchCoreConfig:
     """anomalib's PatchCore settings on our backbone, the baseline of this chapter: the full concatenated features
     (40 + 112 = 152 channels for Lite0, where WRN-50 gives 1536), a 10% coreset of all patches (no per-image
-    subsampling), fp32 bank, anomalib's chunked torch matmul search (`torch_chunked_nn`), eq. 7 with 9 neighbours,
+    subsampling), fp32 bank, anomalib's chunked torch matmul search (`kernels.torch_chunked_knn`), eq. 7 with 9 neighbours,
     256x256 inputs."""
     base = dict(feature_dim=None, coreset_ratio=0.1, subsample=1.0, bank_dtype='float32', search='torch',
                 num_neighbors=9, image_score='reweight', image_size=256)
     return PatchCoreConfig(**{**base, **overrides})
-
-# %% ../../nbs/10_patchcore.ipynb #0465c4a8
-def torch_chunked_nn(queries: torch.Tensor, bank: torch.Tensor, k: int = 1,
-                     chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """anomalib's nearest-neighbour search (the baseline): per chunk of `chunk_size` query rows,
-    |x|^2 - 2 x.y + |y|^2, clamp at 0, sqrt, then min / top-k over the bank.
-    queries: (Q, D), bank: (M, D) float -> (distances (Q, k) float32, Euclidean; indices (Q, k) int64)."""
-    if queries.ndim != 2 or bank.ndim != 2 or queries.shape[1] != bank.shape[1]:
-        raise ValueError(f"torch_chunked_nn: queries (Q, D) and bank (M, D) must share D, got {tuple(queries.shape)} and {tuple(bank.shape)}")
-    if not 1 <= k <= len(bank): raise ValueError(f"torch_chunked_nn: k must be in [1, {len(bank)}], got {k}")
-    bank = bank.float()
-    bank_sq = bank.pow(2).sum(1)
-    dists, idxs = [], []
-    for q in queries.float().split(chunk_size):
-        d = (q.pow(2).sum(1, keepdim=True) - 2 * q @ bank.T + bank_sq).clamp_min_(0).sqrt_()
-        v, i = d.min(1, keepdim=True) if k == 1 else d.topk(k, dim=1, largest=False)
-        dists.append(v); idxs.append(i)
-    return torch.cat(dists), torch.cat(idxs)
 
 # %% ../../nbs/10_patchcore.ipynb #cc9059bf
 def reweighted_score(features: torch.Tensor, patch_scores: torch.Tensor, nn_idx: torch.Tensor, bank: torch.Tensor,
@@ -125,18 +98,6 @@ def reweighted_score(features: torch.Tensor, patch_scores: torch.Tensor, nn_idx:
     _, support = search(m_star, bank, k)                                             # (B, k), m* itself first
     d = torch.linalg.vector_norm(m_test[:, None] - bank[support.reshape(-1)].float().view(B, k, -1), dim=-1)
     return (1 - torch.softmax(d, 1)[:, 0]) * s_star
-
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Smooth maps (B, H, W) float32 with a Gaussian of std `sigma` pixels (kernel 2*int(4*sigma + 0.5) + 1 as
-    anomalib, separable, reflect padding; replicate padding when a side is not longer than the radius)."""
-    if sigma <= 0: return maps
-    r = int(4 * sigma + 0.5)
-    x = torch.arange(-r, r + 1, dtype=torch.float32)
-    k = torch.exp(-x ** 2 / (2 * sigma ** 2)); k = k / k.sum()
-    mode = 'reflect' if min(maps.shape[-2:]) > r else 'replicate'
-    m = F.conv2d(F.pad(maps[:, None].float(), (r, r, 0, 0), mode=mode), k.view(1, 1, 1, -1))
-    m = F.conv2d(F.pad(m, (0, 0, r, r), mode=mode), k.view(1, 1, -1, 1))
-    return m[:, 0]
 
 # %% ../../nbs/10_patchcore.ipynb #0bbb9d50
 class RowBuffer:
@@ -182,8 +143,18 @@ def _grid_neighbours(origins: np.ndarray, radius: int) -> list[np.ndarray]:
 class PatchCore(Detector):
     """PatchCore: nearest-neighbour distance of each patch feature to a coreset of normal patch features.
     fit(train_data): normal images, anything `iter_batches` takes; predict(images (B, C, H, W) float32 in [0, 1])
-    -> Prediction(scores (B,), maps (B, H, W) float32)."""
+    -> Prediction(scores (B,), maps (B, H, W) float32). Large panels go through the tiling stage
+    (`Tiled(PatchCore(...), TileConfig(256))`); with `position_aware` each tile position has its own bank, built
+    from the tiles at that position (the stage passes their `TilePositions`)."""
     Config = PatchCoreConfig
+    presets = {'tiny': {'image_size': 64},        # tests: 64-px inputs, a bank of a few hundred rows
+               'cpu': {}, 'paper': {}}            # nothing is trained: the defaults run on a CPU as they are
+
+    @property
+    def capabilities(self) -> Capabilities:
+        c = self.config
+        return Capabilities(input_size=c.image_size, channels=c.channels, uses_positions=c.position_aware,
+                            full_resolution={} if c.image_size is None else {'image_size': None})
 
     def __init__(self, config: PatchCoreConfig | None = None):
         super().__init__(config)
@@ -240,7 +211,7 @@ class PatchCore(Detector):
             maps = []
             for f in feats.values():
                 f = F.avg_pool2d(f, 3, stride=1, padding=1)          # the 3x3 neighbourhood of each patch
-                if f.shape[-2:] != hw: f = F.interpolate(f, size=hw, mode='bilinear', align_corners=False)
+                if f.shape[-2:] != hw: f = resize_maps(f, tuple(hw))
                 maps.append(f)
             return torch.cat(maps, 1).permute(0, 2, 3, 1).contiguous()
 
@@ -263,38 +234,32 @@ class PatchCore(Detector):
 
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
         s = self.config.image_size
-        if s is None or tuple(x.shape[-2:]) == (s, s): return x
-        return F.interpolate(x, size=(s, s), mode='bilinear', antialias=True, align_corners=False).clamp_(0, 1)
-
-    def _tiles(self, panel: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-        "Tiles (T, C, t, t) of one panel (C, H, W) and their origins (T, 2) int64 (row, col)."
-        c = self.config
-        tiles, origins = tile(panel, c.tile_size, c.tile_stride or c.tile_size)
-        return tiles, np.asarray(origins, dtype=np.int64)
+        return x if s is None else resize_images(x, s)
 
     def _units(self, train_data, batch_size: int, geometry: dict):
-        """Yield (images (n, C, h, w) at model resolution, index of the first tile or None, tiles per panel or None):
-        batches of whole images in non-tiled mode, the tiles of one panel `tile_batch` at a time in tiled mode
-        (the first panel's shape and tile origins go into `geometry`)."""
+        """Yield (images (n, C, h, w) at model resolution, their TilePositions or None): batches of `batch_size`
+        images, or the tile batches of a `TileStream` with their positions (position-aware banks need them; the
+        first panel size seen goes into `geometry`)."""
         c = self.config
-        if c.tile_size is None:
-            for x in iter_batches(train_data, batch_size, 'train_data'):
-                yield self._resize(self._check_channels(x, 'train_data')), None, None
-            return
-        for x in iter_batches(train_data, 1, 'train_data'):
-            panel = self._check_channels(x, 'train_data')[0]
-            tiles, origins = self._tiles(panel)
-            if not geometry: geometry.update(panel_shape=tuple(panel.shape[-2:]), origins=origins)
-            elif c.position_aware and tuple(panel.shape[-2:]) != geometry['panel_shape']:
-                raise ValueError(f"train_data: position-aware banks need panels of one size (aligned panels); got "
-                                 f"{tuple(panel.shape[-2:])} after {geometry['panel_shape']}")
-            for a in range(0, len(tiles), c.tile_batch):
-                yield tiles[a:a + c.tile_batch], a, len(tiles)
+        for item in train_data if c.position_aware else iter_batches(train_data, batch_size, 'train_data'):
+            if c.position_aware:
+                pos = item.get('positions') if isinstance(item, dict) else None
+                if pos is None:
+                    raise ValueError("train_data: position-aware banks need the tile positions: fit through the tiling stage, "
+                                     "Tiled(PatchCore(config), TileConfig(size))")
+                x = check_images(item['image'], 'train_data')
+                geometry.setdefault('panel_shape', pos.panel_hw)
+                if pos.panel_hw != geometry['panel_shape']:
+                    raise ValueError(f"train_data: position-aware banks need panels of one size (aligned panels); got "
+                                     f"{pos.panel_hw} after {geometry['panel_shape']}")
+            else: x, pos = item, None
+            yield self._resize(self._check_channels(x, 'train_data')), pos
 
     # -- fit --------------------------------------------------------------------------------------------------
-    def fit(self, train_data, batch_size: int = 1) -> 'PatchCore':
-        """Build the memory bank from normal images, streamed `batch_size` images (tiled mode: one panel, and
-        `tile_batch` of its tiles) at a time. One image at a time is the default: on the CPU it is also the
+    def fit(self, train_data, batch_size: int | None = None, progress: bool = False,
+            max_minutes: float | None = None, ckpt_dir=None) -> 'PatchCore':
+        """Build the memory bank from normal images, streamed `batch_size` images (default 1; the tiling stage's
+        tile batches as they come) at a time. One image at a time is the default: on the CPU it is also the
         fastest, and the backbone's working memory grows with the batch (the PatchCore chapter measures both).
         Only the subsampled patch features are kept, in one preallocated buffer (one per position for
         position-aware banks), until the greedy coreset has picked the bank rows.
@@ -305,14 +270,14 @@ class PatchCore(Detector):
         old_projection = self.projection
         try:
             self._init_projection()
-            banks, stats, geometry = self._build_banks(train_data, batch_size)
+            banks, stats, geometry = self._build_banks(train_data, batch_size or 1, progress)
         except BaseException:
             self.projection = old_projection
             raise
         self.bank = self.pos_bank = self.pos_offsets = self._neighbours = None
         self.panel_shape, self.pos_origins = geometry.get('panel_shape'), geometry.get('origins')
         if c.position_aware:
-            order = sorted(banks)
+            order = sorted(banks)                      # row-major tile order, as geometry['origins']
             self.pos_bank = torch.cat([banks[p] for p in order])
             self.pos_offsets = torch.tensor(np.cumsum([0] + [len(banks[p]) for p in order]), dtype=torch.int64)
         else: self.bank = banks[None]
@@ -320,17 +285,19 @@ class PatchCore(Detector):
         self.fit_stats = {**stats, 'seconds': round(time.perf_counter() - t0, 3)}
         return self
 
-    def _build_banks(self, train_data, batch_size: int) -> tuple[dict, dict, dict]:
-        "Stream the training data into subsampled feature buffers, then take each buffer's coreset: ({position: bank}, stats, geometry)."
+    def _build_banks(self, train_data, batch_size: int, progress: bool = False) -> tuple[dict, dict, dict]:
+        """Stream the training data into subsampled feature buffers, then take each buffer's coreset:
+        ({position: bank}, stats, geometry). Positions are tile origins (row, col); None is the global bank."""
+        from tqdm.auto import tqdm
         c = self.config
         D, dtype = self.feature_dim, getattr(torch, c.bank_dtype)
         g = torch.Generator().manual_seed(c.seed)
-        n_est = _n_images(train_data) or 16
+        n_est = _n_images(train_data) or 1024   # buffer rows are only touched when written: a generous guess is free
         buffers: dict = {}                 # position (None: the global bank) -> RowBuffer
         seen: dict = {}                    # position -> training patches seen there (the coreset ratio's base)
         n_units, geometry = 0, {}
-        for x, pos, per_panel in self._units(train_data, batch_size, geometry):
-            e = self.embed(x)
+        for x, pos in tqdm(self._units(train_data, batch_size, geometry), desc='patchcore fit', unit='batch', disable=not progress):
+            with stage('features'): e = self.embed(x)
             n, h, w, _ = e.shape
             L = h * w
             keep = max(1, round(c.subsample * L))
@@ -338,14 +305,15 @@ class PatchCore(Detector):
             if keep < L:                   # a seeded random subset of each image's (tile's) patches
                 rows = rows.gather(1, torch.rand(n, L, generator=g).argsort(1)[:, :keep, None].expand(-1, -1, D))
             if c.position_aware:
-                for i in range(n):
-                    if pos + i not in buffers: buffers[pos + i] = RowBuffer(n_est * keep, D, dtype)
-                    buffers[pos + i].append(rows[i]); seen[pos + i] = seen.get(pos + i, 0) + L
+                for i, o in enumerate(map(tuple, pos.origins.tolist())):
+                    if o not in buffers: buffers[o] = RowBuffer(max(16, n_est // 64) * keep, D, dtype)
+                    buffers[o].append(rows[i]); seen[o] = seen.get(o, 0) + L
             else:
-                if None not in buffers: buffers[None] = RowBuffer(n_est * (per_panel or 1) * keep, D, dtype)
+                if None not in buffers: buffers[None] = RowBuffer(n_est * keep, D, dtype)
                 buffers[None].append(rows.reshape(-1, D)); seen[None] = seen.get(None, 0) + n * L
             n_units += n
             del e, rows
+        if c.position_aware: geometry['origins'] = np.array(sorted(buffers), dtype=np.int64).reshape(-1, 2)
         kept = sum(b.n for b in buffers.values())
         banks = {}
         for key in list(buffers):
@@ -353,11 +321,11 @@ class PatchCore(Detector):
             m = max(1, round(c.coreset_ratio * seen[key]))
             if m >= len(feats): banks[key] = feats.clone()
             else:
-                idx = greedy_coreset(feats, n=m, proj_dim=c.coreset_proj_dim, seed=c.seed)
+                with stage('coreset'): idx = greedy_coreset(feats, n=m, proj_dim=c.coreset_proj_dim, seed=c.seed)
                 banks[key] = feats[torch.as_tensor(np.asarray(idx), dtype=torch.int64)].clone()
             del feats; buffers[key] = None     # free each buffer as soon as its coreset is taken
         itemsize = torch.finfo(dtype).bits // 8
-        stats = {'images' if c.tile_size is None else 'tiles': n_units, 'patches_seen': int(sum(seen.values())),
+        stats = {'tiles' if c.position_aware or isinstance(train_data, TileStream) else 'images': n_units, 'patches_seen': int(sum(seen.values())),
                  'features_kept': int(kept), 'feature_buffer_mb': round(kept * D * itemsize / 2**20, 2),
                  'bank_rows': int(sum(len(b) for b in banks.values())),
                  'bank_mb': round(sum(b.numel() for b in banks.values()) * itemsize / 2**20, 2)}
@@ -366,7 +334,7 @@ class PatchCore(Detector):
     # -- scoring ----------------------------------------------------------------------------------------------
     def _search(self, q: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         "q (Q, D), bank (M, D) -> (Euclidean distances (Q, k) float32, indices (Q, k) int64)."
-        if self.config.search == 'torch': return torch_chunked_nn(q, bank, k)
+        if self.config.search == 'torch': return torch_chunked_knn(q, bank, k, squared=False)
         sq, idx = knn(q, bank, k=k)
         return sq.clamp_min(0).sqrt(), idx
 
@@ -385,50 +353,46 @@ class PatchCore(Detector):
         return torch.cat([self.pos_bank[off[q]:off[q + 1]] for q in self._neighbours[p]])
 
     # -- predict ----------------------------------------------------------------------------------------------
-    def predict(self, images) -> Prediction:
+    def predict(self, images, positions: TilePositions | None = None) -> Prediction:
         """Score images (B, C, H, W) (or (C, H, W)) float32 in [0, 1] -> Prediction(scores (B,), maps (B, H, W)).
         Images are resized to image_size if needed; maps are patch distances upsampled (bilinear) to the model
-        resolution, smoothed (blur_sigma) and resized back to (H, W). Tiled mode: each image is a panel, tiled,
-        scored tile by tile, stitched with Gaussian feathering; its score is the largest tile score."""
+        resolution, smoothed (blur_sigma) and resized back to (H, W). Position-aware banks: the images are tiles
+        and `positions` says where each was cut (the tiling stage passes it); each is scored against the bank of
+        its position and of its neighbours up to position_radius tiles away."""
         self._check_fitted()
         x = self._check_channels(check_images(images), 'images')
-        if self.config.tile_size is not None:
-            out = [self._predict_panel(p) for p in x]
-            return Prediction(torch.stack([s for s, _ in out]), torch.stack([m for _, m in out]))
         H, W = x.shape[-2:]
         xr = self._resize(x)
-        e = self.embed(xr)
+        with stage('features'): e = self.embed(xr)
         B, h, w, D = e.shape
-        patch, scores = self._score(e.view(B, h * w, D), self.bank)
-        maps = F.interpolate(patch.view(B, 1, h, w), size=xr.shape[-2:], mode='bilinear', align_corners=False)[:, 0]
+        e = e.view(B, h * w, D)
+        with stage('search'):
+            if self.config.position_aware:
+                res = [self._score(e[i:i + 1], self._position_bank(p)) for i, p in enumerate(self._position_indices(positions, B))]
+                patch, scores = torch.cat([r[0] for r in res]), torch.cat([r[1] for r in res])
+            else: patch, scores = self._score(e, self.bank)
+        maps = resize_maps(patch.view(B, h, w), tuple(xr.shape[-2:]))
         maps = gaussian_blur(maps, self.config.blur_sigma)
         if maps.shape[-2:] != (H, W):
-            maps = F.interpolate(maps[:, None], size=(H, W), mode='bilinear', align_corners=False)[:, 0]
+            maps = resize_maps(maps, (H, W))
         return Prediction(scores, maps)
 
-    def _predict_panel(self, panel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        "panel (C, H, W) -> (score (), map (H, W))."
-        c = self.config
-        tiles, origins = self._tiles(panel)
-        if c.position_aware:
-            if tuple(panel.shape[-2:]) != self.panel_shape or not np.array_equal(origins, self.pos_origins):
-                raise ValueError(f"images: position-aware banks were fitted on {self.panel_shape[0]}x{self.panel_shape[1]} "
-                                 f"panels; got {panel.shape[-2]}x{panel.shape[-1]} (align and crop panels to the training size)")
-            if self._neighbours is None: self._neighbours = _grid_neighbours(self.pos_origins, c.position_radius)
-        th, tw = tiles.shape[-2:]
-        maps, scores = torch.empty(len(tiles), th, tw), torch.empty(len(tiles))
-        for a in range(0, len(tiles), c.tile_batch):
-            e = self.embed(tiles[a:a + c.tile_batch])
-            n, h, w, D = e.shape
-            e = e.view(n, h * w, D)
-            if c.position_aware:
-                res = [self._score(e[i:i + 1], self._position_bank(a + i)) for i in range(n)]
-                patch, s = torch.cat([r[0] for r in res]), torch.cat([r[1] for r in res])
-            else: patch, s = self._score(e, self.bank)
-            maps[a:a + n] = F.interpolate(patch.view(n, 1, h, w), size=(th, tw), mode='bilinear', align_corners=False)[:, 0]
-            scores[a:a + n] = s
-        full = stitch(maps, origins, tuple(panel.shape[-2:]), blend='gaussian')
-        return scores.max(), gaussian_blur(full[None], c.blur_sigma)[0]
+    def _position_indices(self, positions: TilePositions | None, n: int) -> list[int]:
+        "Index into pos_origins of each tile's origin; ValueError when the positions do not match the fitted panels."
+        if positions is None:
+            raise ValueError("images: position-aware banks need each tile's position: predict through the tiling stage, "
+                             "Tiled(PatchCore(config), TileConfig(size))")
+        if len(positions) != n: raise ValueError(f"positions has {len(positions)} rows for {n} images")
+        if positions.panel_hw != tuple(self.panel_shape):
+            raise ValueError(f"images: position-aware banks were fitted on {self.panel_shape[0]}x{self.panel_shape[1]} "
+                             f"panels; got {positions.panel_hw[0]}x{positions.panel_hw[1]} (align and crop panels to the training size)")
+        if self._neighbours is None:
+            self._neighbours = _grid_neighbours(self.pos_origins, self.config.position_radius)
+            self._origin_index = {tuple(o): i for i, o in enumerate(self.pos_origins.tolist())}
+        try: return [self._origin_index[tuple(o)] for o in positions.origins.tolist()]
+        except KeyError as e:
+            raise ValueError(f"images: tile origin {e.args[0]} is not one of the tile positions the banks were fitted on "
+                             "(use the same tile size and stride as in fit)") from None
 
     # -- persistence ------------------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
