@@ -6,18 +6,21 @@ Docs: https://stampdefect.github.io/stampdefect/cli.html.md"""
 
 # %% ../nbs/21_cli.ipynb #17eab21f
 from __future__ import annotations
-import argparse, csv, dataclasses, html, json, os, re, resource, sys, time, base64
+import argparse, json, os, re, sys, tempfile, time
 from pathlib import Path
-import numpy as np
 import torch
 
-from .core import Detector, get_detector, atomic_write, REGISTRY, _import_builtin_methods
-from .pipeline import (inspect_panel, save_pipeline, load_pipeline, check_sizes, calibrate_thresholds,
-                                  torch_threads, ON_ALIGN_FAILURE)
+from . import __version__
+from .core import Detector, get_detector, available_methods
+from .tiled import Tiled, TileConfig
+from .ops import resize_images
+from .pipeline import inspect_panel, save_pipeline, load_pipeline, check_sizes, torch_threads, ON_ALIGN_FAILURE
+from .evaluation import evaluate_detector, format_table, split_for_calibration, jsonable, write_results_json
+from .report import save_png, html_report, overlay_names, result_row, error_row, write_results
 
 # %% auto #0
-__all__ = ['split_for_calibration', 'save_png', 'cmd_fit', 'cmd_inspect', 'evaluate_detector', 'format_table', 'cmd_evaluate',
-           'cmd_bench', 'html_report', 'shipped_model', 'cmd_demo', 'build_parser', 'main']
+__all__ = ['EXIT_CODES', 'cmd_fit', 'inspect_exit_code', 'cmd_inspect', 'cmd_evaluate', 'cmd_bench', 'shipped_model', 'cmd_demo',
+           'build_parser', 'main']
 
 # %% ../nbs/21_cli.ipynb #7f1b7746
 def _is_mvtec(root: Path) -> bool: return (root / 'train').is_dir() or (root / 'test').is_dir()
@@ -32,22 +35,7 @@ def _train_images(root: Path, size, channels: int) -> list[tuple[str, torch.Tens
     return [(str(p), _resize(load_image(p, channels=channels), size)) for p in list_images(root)]
 
 def _resize(img: torch.Tensor, size) -> torch.Tensor:
-    if size is None: return img
-    hw = (size, size) if isinstance(size, int) else tuple(size)
-    return torch.nn.functional.interpolate(img[None], size=hw, mode='bilinear', antialias=True, align_corners=False)[0].clamp(0, 1)
-
-def split_for_calibration(n: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    "Indices (fit, calibrate): a `fraction` of n normal images (at least 1, at most n - 1) held out to set the threshold."
-    if n < 2: raise ValueError(f"need at least 2 normal images (one to fit, one to set the threshold), got {n}")
-    k = min(max(1, int(round(n * fraction))), n - 1)
-    perm = np.random.default_rng(seed).permutation(n)
-    return np.sort(perm[k:]), np.sort(perm[:k])
-
-# %% ../nbs/21_cli.ipynb #b764c83e
-def save_png(arr: np.ndarray, path) -> Path:
-    "Write an (H, W[, 3]) uint8 array as PNG, atomically."
-    from PIL import Image
-    return atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp, format='PNG'))
+    return img if size is None else resize_images(img, size)
 
 # %% ../nbs/21_cli.ipynb #9b5fc8c5
 def _parse_config(args) -> dict:
@@ -64,24 +52,30 @@ def _parse_config(args) -> dict:
         except json.JSONDecodeError: cfg[k] = v
     return cfg
 
-def _config_options(method: str) -> set[str]:
-    "The option names of `method`'s config dataclass (ValueError naming the available methods if it is unknown)."
-    _import_builtin_methods()
-    if method not in REGISTRY: raise ValueError(f"unknown method {method!r}; available: {sorted(REGISTRY)}")
-    return {f.name for f in dataclasses.fields(REGISTRY[method].Config)}
+def _methods() -> list[str]:
+    "The names of the registered methods."
+    return available_methods()
 
-def _tile_config(method: str, tile: int | None, stride: int | None) -> dict:
-    "Config overrides of --tile/--stride: tiled mode at full resolution, for any method whose config has tile_size."
+def _detector(method: str, config: dict, tiling: TileConfig | None) -> Detector:
+    """The detector of --method/--config/--set, behind the tiling stage when --tile is given. Tiles are scored at full
+    resolution: the method's declared `capabilities.full_resolution` overrides are applied (PatchCore: no resize).
+    A method that fits on whole panels and scores fixed-size patches (the MNA prior) is always tiled: by default
+    at its patch size with half-patch overlap."""
+    det = get_detector(method, config)
+    cap = det.capabilities
+    if tiling is None and cap.fits_on_panels: tiling = TileConfig(cap.input_size, cap.input_size // 2)
+    if tiling is None: return det
+    if cap.full_resolution: det = get_detector(method, {**config, **cap.full_resolution})
+    return Tiled(det, tiling)
+
+def _tiling(tile: int | None, stride: int | None):
+    "The TileConfig of --tile/--stride (None without --tile): the tiling stage, the same for every method."
     if tile is None:
         if stride is not None: raise ValueError("--stride needs --tile SIZE")
-        return {}
-    names = _config_options(method)
-    if 'tile_size' not in names: raise ValueError(f"--tile: method {method!r} has no tiled mode (its config has no tile_size option)")
+        return None
     if tile < 1 or (stride is not None and not 1 <= stride <= tile):
         raise ValueError(f"--tile must be >= 1 and --stride between 1 and --tile, got --tile {tile} --stride {stride}")
-    out = {'tile_size': tile, 'tile_stride': stride}
-    if 'image_size' in names: out['image_size'] = None
-    return out
+    return TileConfig(size=tile, stride=stride)
 
 def _sam_arg(spec):
     "The SAM checkpoint of an --align value (None for 'classical' or no alignment)."
@@ -98,55 +92,89 @@ def _make_aligner(spec: str, steps: int):
     return Aligner(cfg, sam=load_sam(sam) if sam else None)
 
 def _check_writable_dir(d: Path, what: str) -> Path:
+    "Create folder `d` if needed; fail now, naming it, if it cannot be created or written."
     try: d.mkdir(parents=True, exist_ok=True)
     except OSError as e: raise PermissionError(f"{what} {d} cannot be created: {e.strerror}") from None
     if not os.access(d, os.W_OK): raise PermissionError(f"{what} {d} is not writable")
     return d
 
+def _check_writable_file(path: Path, what: str) -> Path:
+    """Fail now, naming `path`, if a file cannot be written there: its folder is created if needed, then a probe
+    file is created and removed in it (permissions alone do not tell, e.g. in /proc or on a read-only mount)."""
+    path = Path(path)
+    if path.is_dir(): raise IsADirectoryError(f"{what} {path} is a folder; give a file name, e.g. {path / 'model.sdm'}")
+    parent = _check_writable_dir(path.parent if str(path.parent) else Path('.'), f"{what} {path}: folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.probe', dir=parent)
+        os.close(fd); os.unlink(probe)
+    except OSError as e: raise PermissionError(f"{what} {path} cannot be written: {e.strerror or e}") from None
+    return path
+
 def _fit_aligner(aligner, named: list, quiet: bool = True) -> list[torch.Tensor]:
     "Fit `aligner` on the photos of `named` [(file, image)], align them; errors name the file. Returns the aligned panels."
+    from tqdm.auto import tqdm
     names, imgs = [n for n, _ in named], [x for _, x in named]
     try:
         with torch_threads(1): aligner.fit(imgs, progress=not quiet)
     except ValueError as e:
         raise ValueError(re.sub(r'train_images\[(\d+)\]', lambda m: names[int(m.group(1))], str(e))) from None
     out = []
-    for n, x in named:
+    for n, x in tqdm(named, desc='align', unit='photo', disable=quiet):
         with torch_threads(1): r = aligner.align(x)
         if not r.ok: raise ValueError(f"{n}: training photo could not be aligned ({r.reason}); remove it or fix the photo")
         out.append(r.image)
     return out
 
-def _fit_kwargs(det: Detector, **options) -> dict:
-    """The options that `det.fit` accepts (methods differ: PatchCore batches its feature pass, trained methods show
-    progress); an option left at None keeps the method's own default."""
-    import inspect
-    params = inspect.signature(det.fit).parameters
-    return {k: v for k, v in options.items() if k in params and v is not None}
+def _training_options(det: Detector, args) -> dict:
+    "max_minutes / ckpt_dir of --max-minutes / --resume, checked before any work (only trained methods take them)."
+    minutes, ckpt = getattr(args, 'max_minutes', None), getattr(args, 'resume', None)
+    if minutes is None and ckpt is None: return {}
+    flag = '--max-minutes' if minutes is not None else '--resume'
+    if not det.capabilities.trained:
+        raise ValueError(f"{flag}: method {det.name!r} trains no network (its fit is one pass over the images), so it has "
+                         f"no time budget or checkpoints; drop {flag}")
+    if minutes is not None and not minutes > 0: raise ValueError(f"--max-minutes must be > 0, got {minutes}")
+    out = {} if minutes is None else {'max_minutes': float(minutes)}
+    if ckpt is not None: out['ckpt_dir'] = str(_check_writable_dir(Path(ckpt), '--resume folder'))
+    return out
 
+def _pixel_threshold(det: Detector, info: dict) -> float | None:
+    """The threshold of the map for crack regions: the model's own (`Detector.calibrate` stores it in the model
+    file); model files written before that kept it in the pipeline metadata."""
+    return det.pixel_threshold if det.pixel_threshold is not None else info.get('pixel_threshold')
+
+# %% ../nbs/21_cli.ipynb #7081eb99
 def cmd_fit(args) -> int:
-    "Fit a method (optionally on aligned, tiled panels) on normal images and save it with its thresholds."
-    out = Path(args.out)
-    _check_writable_dir(out.parent if str(out.parent) else Path('.'), 'output folder')
+    """Fit a method (optionally on aligned, tiled panels) on normal images and save it with its thresholds.
+    Everything that can be checked is checked before the long work: --out writable, method, config, data."""
+    quiet = getattr(args, 'quiet', True)
+    say = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    out = _check_writable_file(Path(args.out), '--out')
     align = getattr(args, 'align', None)
     align = None if align == 'none' else align
-    det = get_detector(args.method, {**_parse_config(args), **_tile_config(args.method, getattr(args, 'tile', None), getattr(args, 'stride', None))})
-    size = getattr(det.config, 'image_size', None) if args.size is None else args.size
+    det = _detector(args.method, _parse_config(args), _tiling(getattr(args, 'tile', None), getattr(args, 'stride', None)))
+    training = _training_options(det, args)
+    _sam_arg(align)
+    size = det.capabilities.input_size if args.size is None else args.size
     named = _train_images(Path(args.data), None if align else size, args.channels)
     if not named: raise ValueError(f"--data {args.data}: no training images found")
     if align or size is None: hw = check_sizes({n: tuple(x.shape[1:]) for n, x in named}, f'training images in {args.data}')
     else: hw = None
     aligner = _make_aligner(align, args.align_steps) if align else None
     t0 = time.perf_counter()
-    imgs = _fit_aligner(aligner, named, getattr(args, 'quiet', True)) if aligner else [x for _, x in named]
+    if aligner: say(f"fitting the aligner ({args.align_steps} STN steps) on {len(named)} photos, then aligning them")
+    imgs = _fit_aligner(aligner, named, quiet) if aligner else [x for _, x in named]
     align_s = time.perf_counter() - t0
     if aligner and size is not None: imgs = [_resize(x, size) for x in imgs]
     fit_idx, cal_idx = split_for_calibration(len(imgs), args.calib_fraction, args.seed)
+    say(f"fitting {args.method} on {len(fit_idx)} normal images" + (f" ({', '.join(f'{k}={v}' for k, v in training.items())})" if training else ''))
     t0 = time.perf_counter()
-    det.fit([imgs[i] for i in fit_idx], **_fit_kwargs(det, batch_size=args.batch_size, progress=not getattr(args, 'quiet', True)))
+    det.fit([imgs[i] for i in fit_idx], batch_size=args.batch_size, progress=not quiet, **training)
     fit_s = time.perf_counter() - t0
     cal = [imgs[i] for i in cal_idx]
-    _, pthr = calibrate_thresholds(det, cal, args.quantile)
+    det.calibrate(cal, quantile=args.quantile)       # both thresholds, stored in the model file
+    pthr = det.pixel_threshold
+    # 'pixel_threshold' in the pipeline metadata too, for readers of info['pixel_threshold'] (API-SWITCH: drop it)
     save_pipeline(out, det, aligner, {'pixel_threshold': pthr, 'train_hw': list(hw) if hw else None,
                                       'align': None if not align else ('classical' if align == 'classical' else 'sam')})
     print(f"fitted {args.method} on {len(fit_idx)} normal images in {fit_s:.1f} s"
@@ -160,6 +188,7 @@ def cmd_fit(args) -> int:
               f"normal image sets both thresholds; consider {hint}a larger --calib-fraction", file=sys.stderr)
     return 0
 
+# %% ../nbs/21_cli.ipynb #a84fe03e
 def _collect_inputs(paths: list[str]) -> list[Path]:
     from stampdefect.data import list_images
     files = []
@@ -180,130 +209,95 @@ def _load_for_use(args):
         raise ValueError(f"--align classical: {args.model} was fitted with SAM masks; pass --align PATH_TO_SAM_CHECKPOINT")
     return det, aligner, info
 
+EXIT_CODES = {0: 'every photo was inspected and none is defective',
+              1: 'at least one photo is defective or could not be aligned',
+              2: 'usage or input error: nothing was inspected (bad arguments, model, paths, or no photo could be inspected)',
+              3: 'no photo inspected is defective, but some could not be inspected (rows with status error)'}
+
+def inspect_exit_code(rows: list[dict]) -> int:
+    "The exit code of `inspect` for its result rows; see EXIT_CODES (a finding outranks photos that failed)."
+    if any(r['defect'] is True or r['status'] == 'not aligned' for r in rows): return 1
+    n_err = sum(r['status'] == 'error' for r in rows)
+    return 2 if n_err == len(rows) else 3 if n_err else 0
+
+def _one_line(e: BaseException, f) -> str:
+    "The first line of an error's message, naming the photo `f`."
+    msg = (str(e).splitlines() or [''])[0] or type(e).__name__
+    if not isinstance(e, (ValueError, OSError)): msg = f"{type(e).__name__}: {msg}"
+    return msg if str(f) in msg else f"{f}: {msg}"
+
 def cmd_inspect(args) -> int:
     """Align (if the model was fitted with --align), score, decide against the stored threshold, find crack regions,
-    write overlays and results.csv / results.json. Exit 1 if a defect is found or a photo could not be aligned."""
-    from stampdefect.data import load_image, ImageReadError
+    write overlays and results.csv / results.json. Every photo gets a row; one that cannot be read or inspected
+    gets status 'error' and the reason, and the run goes on. Returns the exit code of EXIT_CODES."""
+    from stampdefect.data import load_image
     from tqdm.auto import tqdm
     det, aligner, info = _load_for_use(args)
     files = _collect_inputs(args.inputs)
     out = _check_writable_dir(Path(args.out), '--out folder')
-    (out / 'overlays').mkdir(exist_ok=True)
-    size = getattr(det.config, 'image_size', None)
-    channels = getattr(det.config, 'channels', 3)
+    if not isinstance(args.min_area, int) or args.min_area < 1: raise ValueError(f"--min-area must be >= 1, got {args.min_area}")
+    size, channels = det.capabilities.input_size, det.capabilities.channels
+    pthr = _pixel_threshold(det, info)
     train_hw = tuple(info['train_hw']) if info.get('train_hw') else None
-    rows, failed, other_size = [], [], []
-    for f in tqdm(files, desc='inspect', unit='img', disable=args.quiet):
-        try: img = load_image(f, channels=channels)
-        except (ImageReadError, OSError, ValueError) as e:
-            failed.append((str(f), str(e))); print(f"skipped {f}: {e}", file=sys.stderr); continue
-        if train_hw and tuple(img.shape[1:]) != train_hw: other_size.append(f"{f.name} ({img.shape[2]}x{img.shape[1]})")
-        # a photo the model cannot take (wrong channels, a size a position-aware bank refuses) stops the run, naming it
-        rep = inspect_panel(img, det, aligner, args.on_align_failure, info.get('pixel_threshold'), args.min_area, size, name=str(f))
-        ov_path = out / 'overlays' / f"{f.stem}_overlay.png"
-        save_png(rep.overlay, ov_path)
-        if rep.decision == 'not aligned': print(f"{f}: not aligned: {rep.align_reason}", file=sys.stderr)
-        rows.append({'image': str(f), 'score': None if rep.score is None else round(rep.score, 6), 'threshold': det.threshold,
-                     'defect': rep.defect, 'status': rep.decision, 'regions': len(rep.regions), 'aligned': rep.aligned,
-                     'align_reason': rep.align_reason, 'overlay': str(ov_path.relative_to(out)),
-                     'region_list': [r.to_dict() for r in rep.regions[:50]]})
+    debug = getattr(args, 'debug', False)
+    rows, other_size, complete = [], [], False
+    try:
+        for f, ov_name in tqdm(list(zip(files, overlay_names(files))), desc='inspect', unit='img', disable=args.quiet):
+            try:
+                img = load_image(f, channels=channels)
+                if train_hw and tuple(img.shape[1:]) != train_hw: other_size.append(f"{f.name} ({img.shape[2]}x{img.shape[1]})")
+                rep = inspect_panel(img, det, aligner, args.on_align_failure, pthr, args.min_area, size, name=str(f))
+                ov = out / 'overlays' / ov_name
+                ov.parent.mkdir(parents=True, exist_ok=True)
+                save_png(rep.overlay, ov)
+                rows.append(result_row(f, rep, ov.relative_to(out)))
+                if rep.decision == 'not aligned': print(f"{f}: not aligned: {rep.align_reason}", file=sys.stderr)
+            except Exception as e:        # one bad photo (unreadable, 1x1, refused by the detector) is a row, not the end
+                if debug: raise
+                rows.append(error_row(f, _one_line(e, f), det.threshold))
+                n_err = sum(r['status'] == 'error' for r in rows)
+                if n_err <= 10: print(f"not inspected: {rows[-1]['error']}", file=sys.stderr)
+                elif n_err == 11: print("not inspected: ... (more photos; results.csv lists every one)", file=sys.stderr)
+        complete = True
+    finally:                              # results computed so far are written, also when the run is interrupted
+        code = inspect_exit_code(rows) if rows else 2
+        counts = {s: sum(r['status'] == s for r in rows) for s in ('good', 'defect', 'not aligned', 'undecided', 'error')}
+        write_results(out, rows, {'photos': len(files), 'rows': len(rows), **counts, 'complete': complete,
+                                  'exit_code': code if complete else None, 'exit_codes': EXIT_CODES})
     if other_size:
         print(f"note: {len(other_size)} photo(s) differ in size from the training photos ({train_hw[1]}x{train_hw[0]}): "
               f"{', '.join(other_size[:10])}{' ...' if len(other_size) > 10 else ''}"
               f"{'; each was aligned to the template frame' if aligner else ''}", file=sys.stderr)
-    _write_results(out, rows, failed)
-    n_def = sum(r['defect'] is True for r in rows)
-    n_na = sum(r['status'] == 'not aligned' for r in rows)
-    print(f"inspected {len(rows)} image(s), {n_def} defective, {n_na} not aligned, {len(failed)} skipped; results in {out}/results.csv")
-    return 1 if n_def or n_na else 0
+    print(f"inspected {len(rows) - counts['error']} of {len(rows)} photo(s): {counts['defect']} defective, {counts['not aligned']} "
+          f"not aligned, {counts['error']} could not be inspected; results in {out}/results.csv; exit code {code}: {EXIT_CODES[code]}")
+    if code == 2:
+        raise ValueError(f"none of the {len(rows)} photo(s) could be inspected; first: {rows[0]['error']} "
+                         f"(results.csv gives the reason of each)")
+    return code
 
-_CSV_FIELDS = ['image', 'score', 'threshold', 'defect', 'status', 'regions', 'aligned', 'align_reason', 'overlay']
-
-def _write_results(out: Path, rows: list[dict], failed: list) -> None:
-    def write_csv(tmp):
-        with open(tmp, 'w', newline='') as fh:
-            w = csv.DictWriter(fh, fieldnames=_CSV_FIELDS, extrasaction='ignore')
-            w.writeheader(); w.writerows(rows)
-    atomic_write(out / 'results.csv', write_csv)
-    payload = {'results': rows, 'skipped': [{'image': f, 'error': e} for f, e in failed]}
-    atomic_write(out / 'results.json', lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
-
-def _peak_rss_mb() -> float: return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-def evaluate_detector(det: Detector, root, batch_size: int = 8, defect_types=None, progress: bool = True,
-                      binarize_masks: bool = False, aligner=None, pixel_threshold: float | None = None,
-                      on_report=None) -> dict:
-    """Metrics of a fitted detector on the test split of an MVTec-layout folder, with timing and peak memory.
-    Every image goes through `inspect_panel` (aligned first when `aligner` is given; maps and masks compared in
-    photo pixels). A photo that cannot be aligned is inspected unaligned, so it still has a score, and is listed
-    in res['not_aligned']. IoU and pixel F1 use `pixel_threshold` (default: the model's threshold).
-    on_report(item, report): called for each test item (the demo saves overlays with it). batch_size: unused
-    (images are inspected one at a time), kept for compatibility."""
-    from stampdefect.data import FolderDataset
-    from stampdefect.metrics import evaluate
-    from tqdm.auto import tqdm
-    size = getattr(det.config, 'image_size', None)
-    ds = FolderDataset(root, split='test', size=None if aligner else size, channels=getattr(det.config, 'channels', 3),
-                       defect_types=defect_types, binarize_masks=binarize_masks)
-    scores, maps, masks, labels, types, not_aligned = [], [], [], [], [], []
-    t_pred = 0.0
-    for i in tqdm(range(len(ds)), desc='evaluate', unit='img', disable=not progress):
-        it = ds[i]
-        t0 = time.perf_counter()
-        rep = inspect_panel(it['image'], det, aligner, 'inspect_unaligned', pixel_threshold, size=size if aligner else None, name=it['path'])
-        t_pred += time.perf_counter() - t0
-        if rep.align_ok is False: not_aligned.append(it['path'])
-        if on_report is not None: on_report(it, rep)
-        scores.append(rep.score); maps.append(rep.amap); masks.append(it['mask'][0].numpy() > 0.5)
-        labels.append(int(it['label'])); types.append(it['defect_type'])
-    scores, labels = np.array(scores), np.array(labels)
-    thr = det.threshold if pixel_threshold is None else pixel_threshold
-    res = evaluate(scores, labels, np.stack(maps), np.stack(masks), threshold=thr)
-    res.update(n_images=len(ds), images_per_second=len(ds) / t_pred, peak_rss_mb=round(_peak_rss_mb(), 1),
-               aligned=aligner is not None, not_aligned=not_aligned)
-    per_type = {}
-    for t in sorted(set(types) - {'good'}):
-        sel = np.array([ty in ('good', t) for ty in types])
-        per_type[t] = evaluate(scores[sel], labels[sel], np.stack([m for m, s in zip(maps, sel) if s]),
-                               np.stack([m for m, s in zip(masks, sel) if s]), threshold=thr)
-    res['per_defect_type'] = per_type
-    return res
-
-_TABLE_KEYS = ['image_auroc', 'image_aupr', 'f1_max', 'pixel_auroc', 'pixel_aupr', 'pro_auc', 'iou', 'pixel_f1']
-
-def format_table(res: dict) -> str:
-    "A plain-text metrics table: one row for all defects, one per defect type."
-    rows = [('all', res)] + list(res.get('per_defect_type', {}).items())
-    head = f"{'defect':<14}" + ''.join(f"{k:>12}" for k in _TABLE_KEYS)
-    lines = [head, '-' * len(head)]
-    for name, r in rows:
-        lines.append(f"{name:<14}" + ''.join(f"{r[k]:>12.4f}" if r.get(k) is not None else f"{'-':>12}" for k in _TABLE_KEYS))
-    return '\n'.join(lines)
-
+# %% ../nbs/21_cli.ipynb #d495a053
 def cmd_evaluate(args) -> int:
     "Print the metrics table of a saved model (aligned first if it was fitted with --align) on a labelled MVTec-layout folder."
     det, aligner, info = _load_for_use(args)
     root = Path(args.data)
     if not (root / 'test').is_dir(): raise FileNotFoundError(f"--data {root}: no test/ folder (expected the MVTec layout: test/good, test/<defect>, ground_truth/<defect>)")
+    results = _check_writable_file(Path(args.out), '--out') if getattr(args, 'out', None) else None
+    pthr = _pixel_threshold(det, info)
     res = evaluate_detector(det, root, args.batch_size, progress=not (args.json or args.quiet), binarize_masks=args.binarize_masks,
-                            aligner=aligner, pixel_threshold=info.get('pixel_threshold'))
-    if args.json: print(json.dumps(_jsonable(res)))
+                            aligner=aligner, pixel_threshold=pthr, binarize_hint='--binarize-masks')
+    if results: write_results_json({**res, 'model': str(args.model), 'data': str(root), 'threshold': det.threshold, 'pixel_threshold': pthr}, results)
+    if args.json: print(json.dumps(jsonable(res)))
     else:
         print(format_table(res))
         print(f"\n{res['n_images']} images, {res['images_per_second']:.2f} images/s, peak memory {res['peak_rss_mb']:.0f} MB, threshold {det.threshold}"
-              + (f", {len(res['not_aligned'])} not aligned (inspected unaligned)" if aligner else ''))
+              + (f", {len(res['not_aligned'])} not aligned (inspected unaligned)" if aligner else '')
+              + (f"; written to {results}" if results else ''))
     return 0
-
-def _jsonable(o):
-    if isinstance(o, dict): return {k: _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)): return [_jsonable(v) for v in o]
-    if isinstance(o, (np.floating, np.integer)): return o.item()
-    return o
 
 def cmd_bench(args) -> int:
     "Run a benchmark: our kernel and its baselines in one run."
     from stampdefect.bench import run_bench
-    run_bench(args.name, quick=args.quick, as_json=args.json)
+    run_bench(args.name, quick=args.quick, as_json=args.json, method=getattr(args, 'method', None))
     return 0
 
 # %% ../nbs/21_cli.ipynb #4651a031
@@ -321,23 +315,6 @@ def _summarise_samples(root: Path) -> str:
     h, w = tr[0]['image'].shape[1:]
     return f"{root}: {len(tr)} normal training panels, {len(te) - n_def} normal and {n_def} cracked test panels, {w}x{h} px"
 
-def html_report(title: str, res: dict, items: list[dict], out: Path) -> Path:
-    "A one-page HTML report: metrics table and overlays (embedded as PNG), written atomically."
-    def td(v): return f"<td>{v:.4f}</td>" if isinstance(v, (float, np.floating)) else f"<td>{html.escape(str(v))}</td>"
-    rows = [('all', res)] + list(res.get('per_defect_type', {}).items())
-    table = ('<table><tr><th>defect</th>' + ''.join(f'<th>{k}</th>' for k in _TABLE_KEYS) + '</tr>' +
-             ''.join('<tr>' + td(n) + ''.join(td(r.get(k, '-')) for k in _TABLE_KEYS) + '</tr>' for n, r in rows) + '</table>')
-    figs = ''.join(
-        f"<figure><img src='data:image/png;base64,{base64.b64encode(Path(it['overlay_path']).read_bytes()).decode()}' width='480'>"
-        f"<figcaption>{html.escape(it['name'])}: score {it['score']:.3g} ({'DEFECT' if it['defect'] else 'ok'})"
-        f"{' / truth: ' + html.escape(it['truth']) if it.get('truth') else ''}</figcaption></figure>" for it in items)
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
-            "body{font-family:sans-serif;margin:2em} table{border-collapse:collapse} td,th{border:1px solid #ccc;padding:4px 8px}"
-            "figure{display:inline-block;margin:6px}</style></head><body>"
-            f"<h1>{html.escape(title)}</h1><p>{res['n_images']} test images, {res['images_per_second']:.2f} images/s, "
-            f"peak memory {res['peak_rss_mb']:.0f} MB, threshold {res.get('threshold')}</p>{table}<h2>Overlays</h2>{figs}</body></html>")
-    return atomic_write(out, lambda tmp: Path(tmp).write_text(page))
-
 def shipped_model(method: str) -> Path | None:
     """The trained model for the sample panels that ships with the project (`checkpoints/<method>_samples.sdm`, next
     to data_samples/; its aligner beside it), or None. Looked up in the current folder, then next to the package."""
@@ -347,24 +324,26 @@ def shipped_model(method: str) -> Path | None:
     return None
 
 def cmd_demo(args) -> int:
-    """Run the pipeline on data_samples/: fit (aligned, tiled), inspect the test panels, write overlays and an HTML report.
+    """Run the pipeline on data_samples/: fit (aligned, tiled), inspect the test panels, write overlays and an HTML report
+    into --out (default stampdefect_demo/<method>, so one method's demo never overwrites another's).
     Methods with a shipped model for the samples (`shipped_model`) use it instead of fitting, unless --refit."""
     t_start = time.perf_counter()
     root = _sample_root(args.data)
     print(_summarise_samples(root))
-    _import_builtin_methods()
-    if args.method not in REGISTRY:
-        print(f"method {args.method!r} is not available in this version (available: {sorted(REGISTRY)}); "
+    if args.method not in _methods():
+        print(f"method {args.method!r} is not available in this version (available: {_methods()}); "
               "the demo stops after summarising the sample data.")
         return 0
-    out = _check_writable_dir(Path(args.out), '--out folder')
+    out = _check_writable_dir(Path(args.out) if args.out else Path('stampdefect_demo') / args.method, '--out folder')
     model_path = out / f'{args.method}.sdm'
-    has_tiles = 'tile_size' in _config_options(args.method)
-    tile = args.tile if args.tile is not None else (128 if has_tiles else None)
+    cap = get_detector(args.method).capabilities
+    default_tile = cap.input_size if cap.fits_on_panels else 128 if cap.input_size is not None else None   # a resizing method would see the panel shrunk
+    tile = args.tile if args.tile is not None else default_tile
     stride = args.stride if args.stride is not None or tile is None else tile // 2
     fit_args = argparse.Namespace(method=args.method, data=str(root), out=str(model_path), config=None, set=args.set,
                                   size=None, channels=3, calib_fraction=0.25, quantile=1.0, seed=0, batch_size=None,
-                                  align=args.align, align_steps=args.align_steps, tile=tile, stride=stride, quiet=True)
+                                  align=args.align, align_steps=args.align_steps, tile=tile, stride=stride, quiet=args.quiet,
+                                  max_minutes=None, resume=None)
     shipped = None if (args.refit or args.data or args.set) else shipped_model(args.method)
     t0 = time.perf_counter()
     if shipped:
@@ -382,7 +361,7 @@ def cmd_demo(args) -> int:
         items.append({'name': Path(it['path']).name, 'score': rep.score, 'defect': rep.defect, 'truth': it['defect_type'],
                       'overlay_path': str(path), 'regions': len(rep.regions), 'status': rep.decision})
     t0 = time.perf_counter()
-    res = evaluate_detector(det, root, progress=not args.quiet, aligner=aligner, pixel_threshold=info.get('pixel_threshold'), on_report=keep)
+    res = evaluate_detector(det, root, progress=not args.quiet, aligner=aligner, pixel_threshold=_pixel_threshold(det, info), on_report=keep)
     inspect_s = time.perf_counter() - t0
     res['threshold'] = det.threshold
     title = (f"stampdefect demo: {args.method}{f' (tiles {tile}, stride {stride})' if tile else ''}"
@@ -394,38 +373,54 @@ def cmd_demo(args) -> int:
           f"demo finished in {time.perf_counter() - t_start:.0f} s")
     return 0
 
-
 # %% ../nbs/21_cli.ipynb #d7ad2ec9
+_INSPECT_EXIT = ('exit codes: ' + '; '.join(f'{k} = {v}' for k, v in EXIT_CODES.items()) +
+                 '. A photo that cannot be read or inspected is a row with status "error" and the reason; the run goes on '
+                 'and results.csv / results.json are always written.')
+
+def _bench_names() -> list[str]:
+    from stampdefect.bench import BENCHES, BENCH_MODULES
+    return sorted(set(BENCH_MODULES) | set(BENCHES))
+
 def build_parser() -> argparse.ArgumentParser:
+    methods = ', '.join(_methods())
     p = argparse.ArgumentParser(prog='stampdefect', description='Unsupervised crack and defect detection for stamped metal panels.')
+    p.add_argument('--version', action='version', version=f'stampdefect {__version__}', help='print the version and exit')
     p.add_argument('--debug', action='store_true', help='show tracebacks instead of one-line errors')
     sub = p.add_subparsers(dest='command', required=True, metavar='COMMAND')
 
-    f = sub.add_parser('fit', help='learn a model from normal images', description='Fit a method on normal images and save it (with a threshold set on held-out normal images).')
-    f.add_argument('--method', default='patchcore', help='detection method (default: patchcore)')
+    f = sub.add_parser('fit', help='learn a model from normal images',
+                       description=f'Fit a method on normal images and save it (with a threshold set on held-out normal images). Methods: {methods}.')
+    f.add_argument('--method', default='patchcore', help=f'detection method, one of: {methods} (default: patchcore)')
     f.add_argument('--data', required=True, help='MVTec-layout folder (uses train/good) or a folder of normal images')
-    f.add_argument('--out', required=True, help='model file to write (.sdm)')
+    f.add_argument('--out', required=True, help='model file to write (.sdm); checked to be writable before training starts')
     f.add_argument('--config', help='JSON file with config options of the method')
     f.add_argument('--set', action='append', metavar='KEY=VALUE', help='override one config option (repeatable)')
     f.add_argument('--size', type=int, default=None, help="resize images to SIZE x SIZE (default: the method's image_size)")
-    f.add_argument('--channels', type=int, default=3, choices=(1, 3))
-    f.add_argument('--calib-fraction', type=float, default=0.2, help='fraction of normal images held out to set the threshold')
-    f.add_argument('--quantile', type=float, default=0.99, help='quantile of held-out normal scores used as threshold')
+    f.add_argument('--channels', type=int, default=3, choices=(1, 3), help='read images as 1 (grey) or 3 (RGB) channels (default 3)')
+    f.add_argument('--calib-fraction', type=float, default=0.2, help='fraction of normal images held out to set the threshold (default 0.2)')
+    f.add_argument('--quantile', type=float, default=0.99, help='quantile of held-out normal scores used as threshold (default 0.99)')
     f.add_argument('--batch-size', type=int, default=None, help="images per feature pass (default: the method's; PatchCore: 1)")
-    f.add_argument('--seed', type=int, default=0)
+    f.add_argument('--seed', type=int, default=0, help='seed of the held-out split (default 0)')
+    f.add_argument('--max-minutes', type=float, default=None, metavar='N',
+                   help='trained methods only: stop training after N minutes, keeping the last good checkpoint')
+    f.add_argument('--resume', default=None, metavar='CKPT_DIR',
+                   help='trained methods only: folder of training checkpoints; training resumes from them and writes new ones there (created if missing)')
     f.add_argument('--align', metavar='classical|SAM_CHECKPOINT', default=None,
                    help="align raw panel photos to a template first: 'classical' masks, or the path of a Segment Anything checkpoint")
     f.add_argument('--align-steps', type=int, default=300, help='STN training steps of the aligner (default 300; the refinement step corrects a short training)')
     f.add_argument('--tile', type=int, default=None, metavar='SIZE', help='tiled mode at full resolution: tile side in pixels (methods with a tile_size option)')
     f.add_argument('--stride', type=int, default=None, metavar='S', help='step between tiles (default: SIZE, no overlap)')
-    f.add_argument('--quiet', action='store_true')
+    f.add_argument('--quiet', action='store_true', help='no progress bars or stage messages')
     f.set_defaults(func=cmd_fit)
 
-    i = sub.add_parser('inspect', help='score new images with a saved model', description='Score images, decide against the stored threshold, write heatmap overlays and results.csv/results.json. Exit code 1 if any defect is found or a photo cannot be aligned.')
+    i = sub.add_parser('inspect', help='score new images with a saved model', epilog=_INSPECT_EXIT,
+                       description='Score images, decide against the stored threshold, write heatmap overlays (overlays/, '
+                                   'keeping each photo\'s path under the folder the inputs share) and results.csv/results.json.')
     i.add_argument('model', help='model file written by fit')
     i.add_argument('inputs', nargs='+', help='image files or folders')
     i.add_argument('--out', required=True, help='results folder')
-    i.add_argument('--quiet', action='store_true')
+    i.add_argument('--quiet', action='store_true', help='no progress bar')
     i.add_argument('--align', metavar='classical|SAM_CHECKPOINT', default=None,
                    help='models fitted with --align are aligned automatically; give the SAM checkpoint here if they used SAM masks')
     i.add_argument('--on-align-failure', choices=ON_ALIGN_FAILURE, default='report',
@@ -433,21 +428,25 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument('--min-area', type=int, default=1, help='smallest crack region reported, in photo pixels')
     i.set_defaults(func=cmd_inspect)
 
-    e = sub.add_parser('evaluate', help='metrics of a saved model on a labelled set', description='Image AUROC, AUPR, F1-max, pixel AUROC, PRO-AUC, IoU at the stored threshold, images/s and peak memory on an MVTec-layout test split.')
-    e.add_argument('model'); e.add_argument('--data', required=True, help='MVTec-layout folder with test/ and ground_truth/')
+    e = sub.add_parser('evaluate', help='metrics of a saved model on a labelled set',
+                       description='Image AUROC, AUPR, F1-max, pixel AUROC, PRO-AUC, IoU at the stored threshold, images/s and peak memory on an MVTec-layout test split. Every ground-truth mask is checked before scoring starts.')
+    e.add_argument('model', help='model file written by fit')
+    e.add_argument('--data', required=True, help='MVTec-layout folder with test/ and ground_truth/')
     e.add_argument('--json', action='store_true', help='one JSON object instead of a table')
-    e.add_argument('--batch-size', type=int, default=8, help='unused: photos are inspected one at a time (kept so older scripts still run)')
-    e.add_argument('--quiet', action='store_true')
+    e.add_argument('--out', default=None, metavar='FILE', help='also write the results (all metrics, per defect type) to FILE as JSON')
+    e.add_argument('--batch-size', type=int, default=8, help='images per predict call (default 8; models fitted with --align inspect photo by photo)')
+    e.add_argument('--quiet', action='store_true', help='no progress bar')
     e.add_argument('--binarize-masks', action='store_true', help='threshold anti-aliased ground-truth masks at 128 instead of refusing them')
     e.add_argument('--align', metavar='classical|SAM_CHECKPOINT', default=None,
                    help='models fitted with --align are aligned automatically; give the SAM checkpoint here if they used SAM masks')
     e.set_defaults(func=cmd_evaluate)
 
     d = sub.add_parser('demo', help='fit + inspect + report on the bundled sample panels', description='Runs the whole path on data_samples/ with nothing to download.')
-    d.add_argument('--method', default='patchcore'); d.add_argument('--data', default=None, help='sample folder (default: data_samples/)')
-    d.add_argument('--out', default='stampdefect_demo', help='where overlays, model and report.html go')
+    d.add_argument('--method', default='patchcore', help=f'detection method, one of: {methods} (default: patchcore)')
+    d.add_argument('--data', default=None, help='sample folder (default: data_samples/)')
+    d.add_argument('--out', default=None, help='where overlays, model and report.html go (default: stampdefect_demo/METHOD)')
     d.add_argument('--set', action='append', metavar='KEY=VALUE', help='override one config option (repeatable)')
-    d.add_argument('--quiet', action='store_true')
+    d.add_argument('--quiet', action='store_true', help='no progress bars')
     d.add_argument('--align', default='classical', metavar='classical|SAM_CHECKPOINT|none', help="alignment (default 'classical'; 'none' to skip)")
     d.add_argument('--align-steps', type=int, default=150, help='STN training steps (default 150)')
     d.add_argument('--tile', type=int, default=None, metavar='SIZE', help='tile side (default 128 for methods with a tiled mode)')
@@ -456,13 +455,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser('bench', help='time our kernels against their baselines', description='Runs our kernel and its baselines on the same data in one run; one JSON object per case with --json.')
-    b.add_argument('name', help='knn, coreset, tiling, metrics, panel, patchcore, backbone, alignment')
-    b.add_argument('--json', action='store_true'); b.add_argument('--quick', action='store_true', help='small sizes (seconds)')
+    b.add_argument('name', help=f"benchmark: {', '.join(_bench_names())}")
+    b.add_argument('--json', action='store_true', help='one JSON object per case instead of a line')
+    b.add_argument('--quick', action='store_true', help='small sizes (seconds)')
+    b.add_argument('--method', default=None, help=f"panel: the method behind the tiling stage (default patchcore; one of {', '.join(_methods())})")
     b.set_defaults(func=cmd_bench)
     return p
 
 def main(argv=None) -> int:
-    "Entry point of the `stampdefect` command."
+    "Entry point of the `stampdefect` command. Exit codes: 0 done (inspect: see EXIT_CODES), 1 and 3 inspect's findings, 2 usage or input error."
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -12,16 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage as ndi
-from .core import Detector, file_sha256, read_safetensors
+from .core import Detector, StageTimer, stage, file_sha256, read_safetensors
+from .tiled import Tiled, TileConfig
+from .ops import resize_images, resize_maps
 from .alignment import Aligner, AlignerConfig, STNConfig, as_image
 from .bench import register_bench, report, PeakRSS
 
 # %% auto #0
-__all__ = ['ON_ALIGN_FAILURE', 'PIPELINE_META', 'overlay', 'Region', 'find_regions', 'PanelReport', 'time_methods',
-           'torch_threads', 'map_to_image_size', 'inspect_panel', 'calibrate_thresholds', 'check_sizes', 'aligner_path',
-           'save_pipeline', 'pipeline_info', 'load_pipeline', 'panel_stages', 'bench_panel']
+__all__ = ['ON_ALIGN_FAILURE', 'PIPELINE_META', 'overlay', 'Region', 'find_regions', 'PanelReport', 'torch_threads',
+           'inspect_panel', 'check_sizes', 'aligner_path', 'save_pipeline', 'pipeline_info', 'load_pipeline',
+           'panel_stages', 'bench_detector', 'bench_panel']
 
 # %% ../nbs/20_pipeline.ipynb #56a3cf6c
 @functools.lru_cache(maxsize=4)
@@ -115,28 +116,6 @@ class PanelReport:
 
 # %% ../nbs/20_pipeline.ipynb #19e1dace
 @contextlib.contextmanager
-def time_methods(obj, stages: dict[str, str], seconds: dict):
-    """Within the block, each call of `obj.<method>` adds its wall time to `seconds[stage]`, for stage, method in
-    `stages`. Methods `obj` does not have are skipped. Nested calls of two wrapped methods count twice: wrap
-    methods that do not call each other."""
-    wrapped = []
-    for stage, name in stages.items():
-        fn = getattr(obj, name, None)
-        if fn is None or not callable(fn): continue
-        def timed(*a, _fn=fn, _stage=stage, **k):
-            t0 = time.perf_counter()
-            try: return _fn(*a, **k)
-            finally: seconds[_stage] = seconds.get(_stage, 0.0) + time.perf_counter() - t0
-        had = name in vars(obj)
-        wrapped.append((name, had, vars(obj).get(name)))
-        setattr(obj, name, timed)
-    try: yield seconds
-    finally:
-        for name, had, old in reversed(wrapped):
-            if had: setattr(obj, name, old)
-            else: delattr(obj, name)
-
-@contextlib.contextmanager
 def torch_threads(n: int | None):
     "Run the block with `n` torch threads (None: unchanged). The STN's small tensors run faster on one thread."
     old = torch.get_num_threads()
@@ -147,23 +126,18 @@ def torch_threads(n: int | None):
 # %% ../nbs/20_pipeline.ipynb #74cdf495
 ON_ALIGN_FAILURE = ('report', 'inspect_unaligned')
 
-def map_to_image_size(amap: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    "Bilinearly resize an anomaly map (h, w) float to `hw` (detectors that resize their input return smaller maps)."
-    amap = np.ascontiguousarray(amap, dtype=np.float32)
-    if amap.shape == tuple(hw): return amap
-    return F.interpolate(torch.from_numpy(amap)[None, None], size=tuple(hw), mode='bilinear', align_corners=False)[0, 0].numpy()
-
 def inspect_panel(photo, model: Detector, aligner: Aligner | None = None, on_align_failure: str = 'report',
                   pixel_threshold: float | None = None, min_area: int = 1, size: int | None = None,
                   name: str = 'photo', align_threads: int | None = None) -> PanelReport:
-    """Inspect one panel photo: align (if `aligner`), detect with `model` (tiling, if any, is the detector's own),
+    """Inspect one panel photo: align (if `aligner`), detect with `model` (tiled when it is a `Tiled`),
     map the anomaly map back to the photo, threshold it into regions, decide, draw the overlay.
 
     photo: (C, H, W) float in [0, 1] (torch or NumPy), (H, W) float, or NumPy uint8 (H, W, 3).
     model: a fitted `Detector` (its `threshold` decides). aligner: a fitted `Aligner` or None.
     on_align_failure: 'report' (the panel is reported 'not aligned' and not inspected) or 'inspect_unaligned'
       (inspect the photo as it is; the report keeps align_ok=False and the reason).
-    pixel_threshold: threshold of the map for the regions (default: the model's image threshold).
+    pixel_threshold: threshold of the map for the regions (default: the model's calibrated `pixel_threshold`, else
+      its image threshold). Stages are marked for a `StageTimer` around the call ('align', 'report').
     min_area: smallest region kept, in photo pixels. size: resize the panel to size x size for the detector.
     name: how messages refer to the photo (e.g. its file name). align_threads: torch threads for the alignment
     (None: as set). Returns a `PanelReport`."""
@@ -177,7 +151,7 @@ def inspect_panel(photo, model: Detector, aligner: Aligner | None = None, on_ali
     secs, res, align_ok, reason = {}, None, None, ''
     if aligner is not None:
         t0 = time.perf_counter()
-        with torch_threads(align_threads): res = aligner.align(x)
+        with stage('align'), torch_threads(align_threads): res = aligner.align(x)
         secs['align'] = time.perf_counter() - t0
         align_ok, reason = bool(res.ok), res.reason
         if not res.ok and on_align_failure == 'report':
@@ -188,36 +162,26 @@ def inspect_panel(photo, model: Detector, aligner: Aligner | None = None, on_ali
     aligned = res is not None and res.ok
     panel = res.image if aligned else x
     t0 = time.perf_counter()
-    inp = panel if size is None else F.interpolate(panel[None], size=(size, size), mode='bilinear', antialias=True, align_corners=False)[0].clamp(0, 1)
+    inp = panel if size is None else resize_images(panel, size)
     try: pred = model.predict(inp[None])
     except ValueError as e:
         if aligner is not None and not aligned: raise ValueError(f"{name}: not aligned ({reason}); inspecting it unaligned failed: {e}") from None
         raise ValueError(f"{name}: {e}") from None
     secs['detect'] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    score, amap = float(pred.scores[0]), map_to_image_size(pred.maps[0], tuple(panel.shape[1:]))
-    if aligned: amap = res.to_photo(torch.from_numpy(np.ascontiguousarray(amap))).numpy()
-    amap = amap.astype(np.float32, copy=False)
-    thr = model.threshold
-    pthr = thr if pixel_threshold is None else float(pixel_threshold)
-    decision = 'undecided' if thr is None else ('defect' if bool(model.decide([score])[0]) else 'good')
-    regions = find_regions(amap, pthr, min_area) if pthr is not None else []
-    ov = overlay(x if x.shape[0] == 3 else x.expand(3, -1, -1), amap, pthr)
+    with stage('report'):
+        score, amap = float(pred.scores[0]), resize_maps(pred.maps[0], tuple(panel.shape[1:]))
+        if aligned: amap = res.to_photo(torch.from_numpy(np.ascontiguousarray(amap))).numpy()
+        amap = amap.astype(np.float32, copy=False)
+        thr = model.threshold
+        pthr = float(pixel_threshold) if pixel_threshold is not None else model.pixel_threshold if model.pixel_threshold is not None else thr
+        decision = 'undecided' if thr is None else ('defect' if bool(model.decide([score])[0]) else 'good')
+        regions = find_regions(amap, pthr, min_area) if pthr is not None else []
+        ov = overlay(x if x.shape[0] == 3 else x.expand(3, -1, -1), amap, pthr)
     secs['report'] = time.perf_counter() - t0
     secs['total'] = time.perf_counter() - t_start
     return PanelReport(decision, score, thr, pthr, regions, amap, ov, aligned, align_ok, reason,
                        res.matrix if aligned else None, photo_hw, secs)
-
-# %% ../nbs/20_pipeline.ipynb #3697ff7c
-def calibrate_thresholds(model: Detector, normal_images, quantile: float = 0.99, batch_size: int = 1) -> tuple[float, float]:
-    """Set `model.threshold` to the `quantile` of the image scores of normal images (as `Detector.calibrate`) and
-    return (threshold, pixel threshold), the latter the `quantile` of the per-image maxima of their maps.
-    normal_images: anything `iter_batches` accepts. One prediction pass."""
-    if not 0 < quantile <= 1: raise ValueError(f"quantile must be in (0, 1], got {quantile}")
-    pred = model.predict_all(normal_images, batch_size)
-    model.threshold = float(np.quantile(pred.scores, quantile, method='higher'))
-    maxima = pred.maps.reshape(len(pred.maps), -1).max(1)
-    return model.threshold, float(np.quantile(maxima, quantile, method='higher'))
 
 # %% ../nbs/20_pipeline.ipynb #f0cdc747
 def check_sizes(sizes: dict, what: str = 'images') -> tuple[int, int]:
@@ -243,8 +207,8 @@ def aligner_path(model_path) -> Path:
 
 
 def save_pipeline(path, model: Detector, aligner: Aligner | None = None, info: dict | None = None) -> Path:
-    """Save a fitted `model` to `path` (its usual safetensors file) and, if given, `aligner` to aligner_path(path);
-    `info` (JSON-able: pixel threshold, training size, ...) goes into the model file's metadata. Both writes are atomic."""
+    """Save a fitted `model` to `path` (its usual safetensors file, thresholds included) and, if given, `aligner` to
+    aligner_path(path); `info` (JSON-able: training size, ...) goes into the model file's metadata. Both writes are atomic."""
     path = Path(path)
     meta = dict(info or {}, version=1, aligner_file=None)
     if aligner is not None:
@@ -260,9 +224,11 @@ def pipeline_info(path) -> dict:
 
 def load_pipeline(path, sam=None) -> tuple[Detector, Aligner | None, dict]:
     """(model, aligner or None, info) from a file written by `save_pipeline` (or a plain model file).
-    sam: a SAM checkpoint path or model, needed when the aligner uses SAM masks."""
+    sam: a SAM checkpoint path or model, needed when the aligner uses SAM masks. Files written before the pixel
+    threshold moved into the model (it was pipeline metadata) get it from there."""
     info = pipeline_info(path)
     model = Detector.load(path)
+    if model.pixel_threshold is None and info.get('pixel_threshold') is not None: model.pixel_threshold = float(info['pixel_threshold'])
     if not info.get('aligner_file'): return model, None, info
     ap = Path(path).with_name(info['aligner_file'])
     if not ap.is_file():
@@ -274,48 +240,54 @@ def load_pipeline(path, sam=None) -> tuple[Detector, Aligner | None, dict]:
     return model, Aligner.load(ap, sam=sam), info
 
 # %% ../nbs/20_pipeline.ipynb #235dad2c
-_PANEL_STAGES = {'tile': '_tiles', 'features': 'embed', 'search': '_score'}
-
 def panel_stages(model: Detector, photo, aligner: Aligner | None = None, **kwargs) -> tuple[PanelReport, dict]:
-    """Inspect `photo` and return (report, seconds per stage: align, tile, features, search, stitch, report, total).
-    Stages the detector does not expose as methods (see `time_methods`) stay inside 'stitch' (the rest of predict)."""
-    inner = {}
-    with time_methods(model, _PANEL_STAGES, inner):
-        t0 = time.perf_counter()
+    """Inspect `photo` and return (report, seconds per stage). The stages are the ones the code marks with
+    `core.stage` (align and report here; tile and stitch in the tiling stage; features, search and others inside
+    the detector), each counted without the stages nested in it, plus 'other' (unmarked time) and 'total'."""
+    with StageTimer() as t:
         rep = inspect_panel(photo, model, aligner, **kwargs)
-        total = time.perf_counter() - t0
-    s = rep.seconds
-    stages = {'align': s.get('align', 0.0), **{k: inner.get(k, 0.0) for k in _PANEL_STAGES}}
-    stages['stitch'] = max(0.0, s.get('detect', 0.0) - sum(inner.values()))
-    stages['report'] = s.get('report', 0.0)
-    stages['other'] = max(0.0, total - sum(stages.values()))
-    return rep, {**{k: round(v, 4) for k, v in stages.items()}, 'total': round(total, 4)}
+    return rep, t.total()
+
+def bench_detector(method: str, quick: bool) -> tuple[Detector, dict]:
+    """The detector `bench panel` times: `method` with its registered defaults behind the tiling stage, with tiles of
+    the method's own input size (PatchCore: 256, so tiles are not resized) or, for methods that take any size, 256 px
+    (128 in the quick case); no overlap, except half a tile for methods that fit on panels (the MNA prior). A trained
+    method uses its 'cpu' preset ('tiny' in the quick case): the bench times inference, not the paper's training."""
+    from stampdefect.core import get_detector
+    base = get_detector(method)
+    if base.capabilities.trained: base = get_detector(method, preset='tiny' if quick else 'cpu')
+    cap = base.capabilities
+    size = cap.input_size or (128 if quick else 256)
+    return Tiled(base, TileConfig(size, size // 2 if cap.fits_on_panels else None)), {'method': method, 'tile': size}
 
 @register_bench('panel')
-def bench_panel(quick: bool = False) -> list[dict]:
-    """One synthetic panel through align -> tile -> features -> search -> stitch -> report, per-stage seconds.
-    Full: 3840x2160, PatchCoreConfig(image_size=None, tile_size=256), fitted on 2 panels. Quick: 480x270, tile 128, 1 panel."""
-    from stampdefect.models.patchcore import PatchCore, PatchCoreConfig
+def bench_panel(quick: bool = False, method: str = 'patchcore') -> list[dict]:
+    """One synthetic panel through align -> tile -> features -> search -> stitch -> report, per-stage seconds, for any
+    registered `method` (see `bench_detector`). Full: 3840x2160, fitted on 2 panels. Quick: 480x270, 1 panel."""
     from stampdefect.synthetic import PanelConfig, render_panel
     H, W = (270, 480) if quick else (2160, 3840)
     cfg = PanelConfig(size=(H, W))
-    photo = lambda seed, bad=False: torch.from_numpy(render_panel(cfg, seed, defective=bad)['image']).permute(2, 0, 1).float() / 255
+    det, what = bench_detector(method, quick)
+    grey = det.capabilities.channels == 1
+    def photo(seed, bad=False):
+        x = torch.from_numpy(render_panel(cfg, seed, defective=bad)['image']).permute(2, 0, 1).float() / 255
+        return x.mean(0, keepdim=True) if grey else x
     train = [photo(100 + i) for i in range(1 if quick else 2)]
     with torch_threads(1): al = Aligner(AlignerConfig(stn=STNConfig(steps=20 if quick else 100))).fit(train)
     results = [al.align(p) for p in train]
     bad = [i for i, r in enumerate(results) if not r.ok]
     if bad: raise RuntimeError(f"bench panel: training panel(s) {bad} could not be aligned: {results[bad[0]].reason}")
-    det = PatchCore(PatchCoreConfig(image_size=None, tile_size=128 if quick else 256))
-    det.fit([r.image for r in results]); det.calibrate([results[0].image], quantile=1.0)
+    det.fit([r.image for r in results]); det.calibrate([results[0].image], quantile=1.0, batch_size=1)
     panel_stages(det, photo(201, True), al)                      # warm-up: Numba kernels, backbone
     test = photo(200, True)
     with PeakRSS() as mem: rep, stages = panel_stages(det, test, al)
     total = stages.pop('total')
     from stampdefect.tiling import tile_origins
-    tsize, stride = det.config.tile_size, det.config.tile_stride or det.config.tile_size
-    sizes = {'H': H, 'W': W, 'tile': tsize, 'stride': stride, 'tiles': len(tile_origins((H, W), tsize, stride)), 'bank_rows': det.fit_stats['bank_rows'], 'train_panels': len(train),
-             'threads': torch.get_num_threads()}
-    backbone = stages['features']
+    tsize, stride = det.tiling.size, det.tiling.stride or det.tiling.size
+    sizes = {'H': H, 'W': W, **what, 'stride': stride, 'tiles': len(tile_origins((H, W), tsize, stride)),
+             'train_panels': len(train), 'threads': torch.get_num_threads()}
+    if 'bank_rows' in getattr(det.detector, 'fit_stats', {}): sizes['bank_rows'] = det.detector.fit_stats['bank_rows']
+    backbone = stages.get('features', 0.0)
     return [report('panel', sizes, {'seconds': total, 'peak_extra_mb': round(mem.peak_extra_mb, 1)},
                    total_s=round(total, 3), stages=stages,
                    stage_fraction={k: round(v / total, 3) for k, v in stages.items()},

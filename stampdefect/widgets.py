@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 import ipywidgets as W
 from scipy import ndimage as ndi
-from .core import Prediction, check_images
-from .pipeline import overlay, map_to_image_size
+from .core import Prediction, TilePositions, check_images
+from .ops import resize_images, resize_maps
+from .pipeline import overlay
 
 # %% auto #0
 __all__ = ['CONTOUR_RGB', 'RESAMPLED_RGB', 'as_image_list', 'fit_width', 'outline', 'render_overlay', 'encode_image',
@@ -47,7 +48,7 @@ def fit_width(image: torch.Tensor, amap: np.ndarray, max_width: int | None) -> t
     if max_width is None or W_ <= max_width: return image, np.asarray(amap, dtype=np.float32)
     if max_width < 8: raise ValueError(f"max_width must be >= 8 pixels, got {max_width}")
     hw = (max(1, round(H * max_width / W_)), max_width)
-    small = F.interpolate(image[None].float(), size=hw, mode='bilinear', antialias=True, align_corners=False)[0].clamp(0, 1)
+    small = resize_images(image, hw)
     small_map = F.adaptive_max_pool2d(torch.as_tensor(np.asarray(amap, dtype=np.float32))[None, None], hw)[0, 0].numpy()
     return small, small_map
 
@@ -109,7 +110,7 @@ def _viewer_inputs(images, prediction, threshold, titles, max_width):
         threshold, note = float(np.median(scores)), ' (no threshold given: starting at the median score)'
     threshold = float(threshold)
     if not np.isfinite(threshold): raise ValueError(f"threshold must be finite, got {threshold}")
-    full_maps = [map_to_image_size(m, im.shape[1:]) for m, im in zip(prediction.maps, imgs)]
+    full_maps = [resize_maps(m, tuple(im.shape[1:])) for m, im in zip(prediction.maps, imgs)]
     shown = [fit_width(im, m, max_width) for im, m in zip(imgs, full_maps)]
     return [s[0] for s in shown], [s[1] for s in shown], full_maps, scores, threshold, titles, note
 
@@ -263,7 +264,7 @@ def render_patch(patch: torch.Tensor, size: int = 192) -> np.ndarray:
     "A patch (C, H, W) float in [0, 1] as (h, w, 3) uint8 with its longer side `size` px (grey patches in grey)."
     H, W_ = patch.shape[1:]
     hw = (max(1, round(H * size / max(H, W_))), max(1, round(W_ * size / max(H, W_))))
-    x = F.interpolate(patch[None].float(), size=hw, mode='bilinear', antialias=True, align_corners=False)[0].clamp(0, 1)
+    x = resize_images(patch, hw)
     x = x.expand(3, -1, -1) if x.shape[0] == 1 else x
     return (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
@@ -344,26 +345,20 @@ def latent_explorer_for(detector, patch, origin: tuple[int, int] | None = None, 
     patch: (C, P, P) float in [0, 1], P = detector.config.patch_size; origin (row, col) and panel_hw (H, W): where
     the patch was cut from its panel (for the patch positional encoding; default: the patch is its own panel);
     threshold: starting NLL threshold (default: the detector's calibrated `nll_threshold`)."""
-    from stampdefect.models.mna import LatentPriorDetector, replacement_codes, crack_map
+    from stampdefect.models.mna import LatentPriorDetector, crack_map
+    from stampdefect.tiled import Tiled
+    if isinstance(detector, Tiled): detector = detector.detector         # a tiled model: explore its method
     if not isinstance(detector, LatentPriorDetector):
         raise TypeError(f"detector: expected a latent-prior detector (get_detector('mna') or 'vqvae_ar'), got {type(detector).__name__}")
     detector._check_fitted()
     x = check_images(patch if isinstance(patch, torch.Tensor) else torch.as_tensor(np.asarray(patch)), 'patch')
     if x.shape[0] != 1: raise ValueError(f"patch: expected one (C, H, W) patch, got a batch of {x.shape[0]}")
-    origins = None
+    positions = None
     if origin is not None:
         if panel_hw is None: raise ValueError("origin needs panel_hw, the (H, W) of the panel the patch was cut from")
-        origins = np.asarray(origin, dtype=np.int64).reshape(1, 2)
-    out = detector.explain(x, origins, panel_hw, threshold=float('inf'))       # nothing resampled: codes, NLL, x_rec
-    codes, x_rec, vq, prior = out['codes'], out['x_rec'], detector.vqvae, detector.prior
-    was = prior.training
-    try:
-        prior.eval()
-        with torch.no_grad():
-            logits = detector._logits(codes, detector._coords(origins, panel_hw, 1, codes.shape[-2:]))
-            candidates = replacement_codes(codes, logits, vq.codebook.embed, detector.config.resample)
-    finally:
-        prior.train(was)
+        positions = TilePositions(np.asarray(origin, dtype=np.int64).reshape(1, 2), panel_hw)
+    out = detector.replacement_candidates(x, positions)          # codes, their NLL, x_rec, what resampling would put
+    codes, candidates, x_rec, vq = out['codes'], out['candidates'], out['x_rec'], detector.vqvae
 
     def crack_map_fn(mask: np.ndarray) -> np.ndarray:
         "Decode the codes with the masked positions resampled; the crack map against the original decoding."

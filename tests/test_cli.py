@@ -126,10 +126,19 @@ def test_unsupported_channel_count_is_a_usage_error(folders):
 
 
 def test_model_of_other_channels_is_refused(folders, capsys):
-    """A model fitted on grey images given colour ones: the message names the expected shape."""
+    """A model fitted on grey images reads colour photos as grey (its capabilities say 1 channel); photos of a size
+    the model cannot take are refused, and when none can be inspected that is exit 2, the message naming the shape."""
     fit(capsys, folders, 'grey.sdm', '--channels', '1')
     code, out, err = run(capsys, 'inspect', folders / 'grey.sdm', folders / 'new', '--out', folders / 'res')
+    assert code == 1 and 'inspected 2 of 2' in out                   # the scratch is found on the grey version
+    rng = np.random.default_rng(3)
+    (folders / 'big').mkdir()
+    for k in range(2): _img(folders / 'big' / f'{k}.png', rng, size=32)
+    code, out, err = run(capsys, 'inspect', folders / 'grey.sdm', folders / 'big', '--out', folders / 'res')
     assert code == 2 and 'expected shape' in err
+    assert err.strip().splitlines()[-1].startswith('stampdefect inspect: error: none of the 2 photo(s) could be inspected')
+    res = json.loads((folders / 'res' / 'results.json').read_text())
+    assert res['results'] == [] and [r['status'] for r in res['skipped']] == ['error', 'error']
 
 
 def test_help_for_every_command():
@@ -164,7 +173,7 @@ def test_align_tile_roundtrip(panels, capsys):
     assert (panels / 'pc.sdm').is_file() and (panels / 'pc.sdm.aligner').is_file() and 'pixel threshold' in out
     from stampdefect.pipeline import load_pipeline
     det, al, info = load_pipeline(panels / 'pc.sdm')
-    assert (det.config.tile_size, det.config.tile_stride, det.config.image_size) == (128, 64, None)
+    assert (det.tiling.size, det.tiling.stride, det.detector.config.image_size) == (128, 64, None)   # the tiling stage (Tiled)
     assert al is not None and info['train_hw'] == [270, 480] and info['pixel_threshold'] > 0
     code, out, err = run(capsys, 'inspect', panels / 'pc.sdm', panels / 'new', '--out', panels / 'res', '--quiet')
     assert code == 1                                   # the blank photo is not aligned: a finding, never "good"
@@ -187,8 +196,11 @@ def test_align_tile_roundtrip(panels, capsys):
 
 
 def test_align_tile_bad_input(panels, capsys, tmp_path):
-    code, out, err = run(capsys, 'fit', '--method', 'reference', '--data', panels / 'set', '--out', tmp_path / 'r.sdm', '--tile', '64')
-    assert code == 2 and 'no tiled mode' in err and len(err.strip().splitlines()) == 1
+    code, out, err = run(capsys, 'fit', '--method', 'reference', '--data', panels / 'set', '--out', tmp_path / 'r.sdm', '--tile', '64',
+                         '--stride', '65')
+    assert code == 2 and '--stride between 1 and --tile' in err and len(err.strip().splitlines()) == 1
+    code, out, err = run(capsys, 'fit', '--method', 'reference', '--data', panels / 'set', '--out', tmp_path / 'r.sdm', '--tile', '64', '--quiet')
+    assert code == 0, err                                # every method takes the tiling stage
     code, out, err = run(capsys, 'fit', '--method', 'patchcore', '--data', panels / 'set', '--out', tmp_path / 'r.sdm', '--stride', '64')
     assert code == 2 and '--stride needs --tile' in err
     code, out, err = run(capsys, 'fit', '--method', 'patchcore', '--data', panels / 'set', '--out', tmp_path / 'r.sdm', '--align', tmp_path / 'nosam.pth')
@@ -246,3 +258,173 @@ def test_demo_mna_uses_the_shipped_model(capsys, tmp_path, monkeypatch):
 def test_shipped_model_files_are_small():
     for f in (ROOT / 'checkpoints').glob('*.sdm*'):
         assert f.stat().st_size <= 5 * 2**20, f
+
+
+# -- issue 12: outputs never collide, every photo is a row, one meaning per exit code, inputs checked first -----------
+
+def _rows(res_dir):
+    return json.loads((res_dir / 'results.json').read_text())
+
+
+def test_same_names_in_two_folders_get_distinct_overlays(folders, capsys):
+    fit(capsys, folders)
+    rng = np.random.default_rng(7)
+    for sub in ('crack', 'good'): (folders / 'test' / sub).mkdir(parents=True)
+    _img(folders / 'test' / 'crack' / '000.png', rng, scratch=True)
+    _img(folders / 'test' / 'good' / '000.png', rng)
+    code, out, err = run(capsys, 'inspect', folders / 'm.sdm', folders / 'test' / 'crack', folders / 'test' / 'good',
+                         '--out', folders / 'res', '--quiet')
+    assert code == 1
+    rows = _rows(folders / 'res')['results']
+    assert [r['overlay'] for r in rows] == ['overlays/crack/000_overlay.png', 'overlays/good/000_overlay.png']
+    a, b = (np.asarray(Image.open(folders / 'res' / r['overlay'])) for r in rows)
+    assert not np.array_equal(a, b)                                  # each row's overlay is its own photo's
+    with open(folders / 'res' / 'results.csv') as fh: csv_rows = fh.read().splitlines()[1:]
+    assert len({l.split(',')[8] for l in csv_rows}) == 2
+
+
+@pytest.mark.parametrize('bad', ['corrupt', 'truncated', 'one_pixel', 'wrong_size', 'not_an_image'])
+def test_a_bad_photo_is_a_row_and_the_run_finishes_exit_3(folders, capsys, bad):
+    fit(capsys, folders)
+    new = folders / 'new'
+    (new / 'b_scratch.png').unlink()                                 # nothing defective left: the code says "some failed"
+    p = new / f'z_{bad}.png'
+    if bad == 'corrupt': p.write_bytes(b'\x89PNG\r\n\x1a\n not really')
+    elif bad == 'truncated': p.write_bytes((new / 'a_ok.png').read_bytes()[:200])
+    elif bad == 'one_pixel': Image.fromarray(np.full((1, 1, 3), 128, np.uint8)).save(p)
+    elif bad == 'wrong_size': _img(p, np.random.default_rng(1), size=30)
+    else: p.write_text('hello')
+    code, out, err = run(capsys, 'inspect', folders / 'm.sdm', new, '--out', folders / 'res', '--quiet')
+    assert code == 3, err
+    res = _rows(folders / 'res')
+    assert [Path(r['image']).name for r in res['results']] == ['a_ok.png'] and res['results'][0]['status'] == 'good'
+    row, = res['skipped']
+    assert row['status'] == 'error' and p.name in row['error'] and row['score'] is None
+    assert res['summary']['exit_code'] == 3 and res['summary']['error'] == 1 and res['summary']['complete'] is True
+    csv_text = (folders / 'res' / 'results.csv').read_text()
+    assert csv_text.count('\n') == 3 and ',error,' in csv_text
+    assert p.name in err and 'exit code 3' in out
+
+
+def test_exit_codes_0_1_2(folders, capsys):
+    fit(capsys, folders)
+    code, out, err = run(capsys, 'inspect', folders / 'm.sdm', folders / 'new' / 'a_ok.png', '--out', folders / 'r0', '--quiet')
+    assert code == 0 and _rows(folders / 'r0')['summary']['exit_code'] == 0
+    code, out, err = run(capsys, 'inspect', folders / 'm.sdm', folders / 'new', '--out', folders / 'r1', '--quiet')
+    assert code == 1 and _rows(folders / 'r1')['summary']['exit_code'] == 1
+    (folders / 'bad').mkdir()
+    for k in range(2): (folders / 'bad' / f'{k}.png').write_bytes(b'garbage')
+    code, out, err = run(capsys, 'inspect', folders / 'm.sdm', folders / 'bad', '--out', folders / 'r2', '--quiet')
+    assert code == 2 and 'none of the 2 photo(s) could be inspected' in err
+    assert len(_rows(folders / 'r2')['skipped']) == 2                # the files are written all the same
+
+
+def test_exit_codes_are_in_the_help():
+    from stampdefect.cli import build_parser
+    text = build_parser()._subparsers._group_actions[0].choices['inspect'].format_help()
+    for code in '0123': assert f'{code} =' in text, text
+
+
+def test_interrupted_run_keeps_the_results(folders, capsys, monkeypatch):
+    fit(capsys, folders)
+    import stampdefect.cli as cli
+    real, seen = cli.inspect_panel, []
+    def stop_on_second(*a, **k):
+        seen.append(1)
+        if len(seen) == 2: raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(cli, 'inspect_panel', stop_on_second)
+    code, out, err = run(capsys, 'inspect', folders / 'm.sdm', folders / 'new', '--out', folders / 'res', '--quiet')
+    assert code == 130
+    res = _rows(folders / 'res')
+    assert len(res['results']) == 1 and res['summary']['complete'] is False and res['summary']['exit_code'] is None
+
+
+def test_fit_out_unwritable_fails_before_training(folders, capsys, monkeypatch):
+    from stampdefect.core import ReferenceDetector
+    calls = []
+    monkeypatch.setattr(ReferenceDetector, 'fit', lambda self, *a, **k: calls.append(1))
+    code, out, err = run(capsys, 'fit', '--method', 'reference', '--data', folders / 'good', '--out', '/proc/x.sdm')
+    assert code == 2 and '--out /proc/x.sdm' in err and '.tmp' not in err and calls == []
+    assert len(err.strip().splitlines()) == 1
+    code, out, err = run(capsys, 'fit', '--method', 'reference', '--data', folders / 'good', '--out', folders / 'good')
+    assert code == 2 and 'is a folder' in err and calls == []
+
+
+def test_fit_training_options_only_for_trained_methods(folders, capsys):
+    for extra in (['--max-minutes', '1'], ['--resume', str(folders / 'ck')]):
+        code, out, err = run(capsys, 'fit', '--method', 'reference', '--data', folders / 'good', '--out', folders / 'x.sdm', *extra)
+        assert code == 2 and extra[0] in err and 'trains no network' in err
+    assert not (folders / 'x.sdm').exists() and not (folders / 'ck').exists()
+
+
+def test_fit_shows_its_stages_unless_quiet(folders, capsys):
+    code, out, err = fit(capsys, folders)
+    assert code == 0 and 'fitting reference on 5 normal images' in err
+    code, out, err = fit(capsys, folders, 'm2.sdm', '--quiet')
+    assert code == 0 and 'fitting' not in err
+
+
+def _anti_aliased_set(root):
+    rng = np.random.default_rng(4)
+    for d in ('train/good', 'test/good', 'test/crack', 'ground_truth/crack'): (root / d).mkdir(parents=True)
+    for k in range(4): _img(root / 'train' / 'good' / f'{k}.png', rng)
+    _img(root / 'test' / 'good' / '0.png', rng)
+    for k in range(2):
+        _img(root / 'test' / 'crack' / f'{k}.png', rng, scratch=True)
+        m = np.zeros((24, 24), np.uint8); m[8:10, 3:21] = 255; m[10, 3:21] = 120 * k     # the second one anti-aliased
+        Image.fromarray(m).save(root / 'ground_truth' / 'crack' / f'{k}_mask.png')
+    return root
+
+
+def test_evaluate_checks_masks_before_scoring(tmp_path, capsys, monkeypatch):
+    root = _anti_aliased_set(tmp_path / 'mt')
+    code, out, err = run(capsys, 'fit', '--method', 'reference', '--data', root, '--out', tmp_path / 'm.sdm', '--quantile', '1')
+    assert code == 0, err
+    from stampdefect.core import ReferenceDetector
+    real, calls = ReferenceDetector.predict, []
+    monkeypatch.setattr(ReferenceDetector, 'predict', lambda self, x: (calls.append(len(x)), real(self, x))[1])
+    code, out, err = run(capsys, 'evaluate', tmp_path / 'm.sdm', '--data', root)
+    assert code == 2 and '--binarize-masks' in err and 'binarize=True' not in err and '1_mask.png' in err
+    assert len(err.strip().splitlines()) == 1 and calls == []        # refused before the first prediction
+    code, out, err = run(capsys, 'evaluate', tmp_path / 'm.sdm', '--data', root, '--binarize-masks', '--quiet',
+                         '--out', tmp_path / 'res' / 'eval.json')
+    assert code == 0, err
+    saved = json.loads((tmp_path / 'res' / 'eval.json').read_text())
+    assert saved['n_images'] == 3 and saved['model'] == str(tmp_path / 'm.sdm') and 'crack' in saved['per_defect_type']
+    assert calls and 'pixel_auroc' in out
+    code, out, err = run(capsys, 'evaluate', tmp_path / 'm.sdm', '--data', root, '--out', '/proc/eval.json')
+    assert code == 2 and '/proc/eval.json' in err
+
+
+def test_version_methods_and_help_text(capsys):
+    from stampdefect import __version__
+    from stampdefect.core import REGISTRY, _import_builtin_methods
+    from stampdefect.cli import build_parser
+    with pytest.raises(SystemExit) as e: main(['--version'])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f'stampdefect {__version__}'
+    _import_builtin_methods()
+    parser = build_parser()
+    subs = parser._subparsers._group_actions[0].choices
+    fit_help = subs['fit'].format_help()
+    for m in sorted(REGISTRY): assert m in fit_help
+    for name, sp in subs.items():
+        for a in sp._actions:
+            assert a.help, f"{name} {a.option_strings or a.dest} has no help text"
+    assert 'evaluate' in subs['bench'].format_help()
+
+
+def test_demo_out_is_per_method(panels, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, 'demo', '--method', 'reference', '--data', panels / 'set', '--align', 'none', '--quiet')
+    assert code == 0, err
+    assert (tmp_path / 'stampdefect_demo' / 'reference' / 'reference.sdm').is_file()
+    assert (tmp_path / 'stampdefect_demo' / 'reference' / 'report.html').is_file()
+    assert not (tmp_path / 'stampdefect_demo' / 'report.html').exists()
+
+
+def test_bench_evaluate_from_the_command_line(capsys):
+    code, out, err = run(capsys, 'bench', 'evaluate', '--quick', '--json')
+    assert code == 0, err
+    case = json.loads(out.strip().splitlines()[-1])
+    assert case['case'] == 'evaluate/reference 64x64' and case['ratio_to_predict_all'] > 0

@@ -9,7 +9,8 @@ from stampdefect.core import Detector, Prediction, ReferenceDetector
 from stampdefect.alignment import Aligner, AlignerConfig, STNConfig, AlignResult
 from stampdefect.synthetic import SAMPLE_CONFIG, render_panel
 from stampdefect.pipeline import (find_regions, inspect_panel, check_sizes, save_pipeline, load_pipeline, aligner_path,
-                                  calibrate_thresholds, time_methods, torch_threads, PanelReport)
+                                  panel_stages, torch_threads, PanelReport)
+from stampdefect.core import stage
 
 CFG = dataclasses.replace(SAMPLE_CONFIG, size=(270, 480))
 
@@ -30,7 +31,7 @@ def fitted():
         assert r.ok, r.reason
         aligned.append(r.image)
     det = ReferenceDetector().fit(torch.stack(aligned[:3]))
-    calibrate_thresholds(det, aligned[3:], 1.0)
+    det.calibrate(aligned[3:], quantile=1.0)
     return al, det, aligned
 
 
@@ -131,10 +132,11 @@ def test_different_sizes(fitted):
 
 def test_save_load_pipeline(fitted, tmp_path):
     al, det, _ = fitted
-    p = save_pipeline(tmp_path / 'm.sdm', det, al, {'pixel_threshold': 1.5})
+    p = save_pipeline(tmp_path / 'm.sdm', det, al, {'train_hw': [270, 480]})
     assert aligner_path(p).is_file()
     m, a, info = load_pipeline(p)
-    assert isinstance(a, Aligner) and info['pixel_threshold'] == 1.5 and m.threshold == det.threshold
+    assert isinstance(a, Aligner) and info['train_hw'] == [270, 480] and m.threshold == det.threshold
+    assert m.pixel_threshold == det.pixel_threshold and m.calibration == det.calibration
     x, _ = photo(304)
     assert inspect_panel(x, m, a).score == pytest.approx(inspect_panel(x, det, al).score, rel=1e-5)
     assert isinstance(Detector.load(p), ReferenceDetector)          # still an ordinary model file
@@ -147,13 +149,25 @@ def test_save_load_pipeline(fitted, tmp_path):
     assert load_pipeline(det.save(tmp_path / 'plain.sdm'))[1:] == (None, {})
 
 
-def test_time_methods_adds_and_restores():
-    class T:
-        def f(self): return 1
-    t, secs = T(), {}
-    with time_methods(t, {'F': 'f', 'G': 'missing'}, secs):
-        assert t.f() == 1 and 'f' in vars(t)
-    assert 'f' not in vars(t) and secs['F'] > 0 and 'G' not in secs
+def test_panel_stages_come_from_the_code_not_from_patches(fitted):
+    "The stages are marked by the code that runs them; nothing on the detector is replaced."
+    al, det, _ = fitted
+    class Marked(ReferenceDetector):
+        def predict(self, images):
+            with stage('features'): return super().predict(images)
+    m = Marked(det.config); m.mean, m.std, m.fitted, m.threshold = det.mean, det.std, True, det.threshold
+    before = dict(vars(m))
+    rep, secs = panel_stages(m, photo(305)[0], al)
+    assert dict(vars(m)).keys() == before.keys() and secs['features'] > 0 and secs['align'] > 0 and secs['report'] > 0
+    assert abs(sum(v for k, v in secs.items() if k != 'total') - secs['total']) < 1e-3 + 0.01 * secs['total']
+
+
+def test_old_model_files_keep_their_pixel_threshold(fitted, tmp_path):
+    "Before the pixel threshold moved into the model file it was pipeline metadata; such files still load it."
+    al, det, _ = fitted
+    old = type(det)(det.config); old.mean, old.std, old.fitted, old.threshold = det.mean, det.std, True, det.threshold
+    p = save_pipeline(tmp_path / 'old.sdm', old, al, {'pixel_threshold': 1.5})
+    assert load_pipeline(p)[0].pixel_threshold == 1.5
 
 
 def test_bench_panel_quick_prints_one_json_object():
