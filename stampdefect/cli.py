@@ -172,7 +172,7 @@ def cmd_fit(args) -> int:
     det.fit([imgs[i] for i in fit_idx], batch_size=args.batch_size, progress=not quiet, **training)
     fit_s = time.perf_counter() - t0
     cal = [imgs[i] for i in cal_idx]
-    det.calibrate(cal, quantile=args.quantile)       # both thresholds, stored in the model file
+    det.calibrate(cal, quantile=args.quantile)       # both thresholds, stored in the model file (robust rule unless --quantile)
     pthr = det.pixel_threshold
     # 'pixel_threshold' in the pipeline metadata too, for readers of info['pixel_threshold'] (API-SWITCH: drop it)
     save_pipeline(out, det, aligner, {'pixel_threshold': pthr, 'train_hw': list(hw) if hw else None,
@@ -182,7 +182,7 @@ def cmd_fit(args) -> int:
           f"pixel threshold {pthr:.4g} from {len(cal_idx)} held-out normal images; saved {out}"
           f"{' and ' + str(out) + '.aligner' if aligner else ''}")
     n_cal = len(cal_idx)
-    if args.quantile < 1 and (n_cal - 1) * (1 - args.quantile) < 1:   # np.quantile(method='higher') is then the maximum
+    if args.quantile is not None and args.quantile < 1 and (n_cal - 1) * (1 - args.quantile) < 1:   # np.quantile(method='higher') is then the maximum
         hint = f"--quantile {int((1 - 1 / (n_cal - 1)) * 100) / 100:g} or lower, or " if n_cal > 2 else ''
         print(f"note: with {n_cal} held-out image(s) the {args.quantile:g} quantile is their largest score, so a single unusual "
               f"normal image sets both thresholds; consider {hint}a larger --calib-fraction", file=sys.stderr)
@@ -341,7 +341,7 @@ def cmd_demo(args) -> int:
     tile = args.tile if args.tile is not None else default_tile
     stride = args.stride if args.stride is not None or tile is None else tile // 2
     fit_args = argparse.Namespace(method=args.method, data=str(root), out=str(model_path), config=None, set=args.set,
-                                  size=None, channels=3, calib_fraction=0.25, quantile=1.0, seed=0, batch_size=None,
+                                  size=None, channels=3, calib_fraction=0.25, quantile=1.0, seed=0, batch_size=None,   # 2 held-out panels: their maximum
                                   align=args.align, align_steps=args.align_steps, tile=tile, stride=stride, quiet=args.quiet,
                                   max_minutes=None, resume=None)
     shipped = None if (args.refit or args.data or args.set) else shipped_model(args.method)
@@ -399,7 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument('--size', type=int, default=None, help="resize images to SIZE x SIZE (default: the method's image_size)")
     f.add_argument('--channels', type=int, default=3, choices=(1, 3), help='read images as 1 (grey) or 3 (RGB) channels (default 3)')
     f.add_argument('--calib-fraction', type=float, default=0.2, help='fraction of normal images held out to set the threshold (default 0.2)')
-    f.add_argument('--quantile', type=float, default=0.99, help='quantile of held-out normal scores used as threshold (default 0.99)')
+    f.add_argument('--quantile', type=float, default=None,
+                   help="set both thresholds to this quantile of the held-out normal scores and map maxima (the old rule); default: "
+                        "the robust rule of Detector.calibrate (median + z x upper spread, a 5%% false-alarm target), which one unusual "
+                        "normal image cannot move")
     f.add_argument('--batch-size', type=int, default=None, help="images per feature pass (default: the method's; PatchCore: 1)")
     f.add_argument('--seed', type=int, default=0, help='seed of the held-out split (default 0)')
     f.add_argument('--max-minutes', type=float, default=None, metavar='N',

@@ -428,3 +428,12 @@ def test_bench_evaluate_from_the_command_line(capsys):
     assert code == 0, err
     case = json.loads(out.strip().splitlines()[-1])
     assert case['case'] == 'evaluate/reference 64x64' and case['ratio_to_predict_all'] > 0
+
+
+def test_fit_default_calibration_is_the_robust_rule(folders, capsys):
+    "Without --quantile both thresholds come from the robust rule, stored with its record in the model file."
+    from stampdefect.core import Detector
+    code, out, err = run(capsys, 'fit', '--method', 'reference', '--data', folders / 'good', '--out', folders / 'r.sdm', '--quiet')
+    assert code == 0 and 'largest score' not in err
+    det = Detector.load(folders / 'r.sdm')
+    assert det.calibration['rule'] == 'robust' and det.pixel_threshold is not None and det.calibration['n_images'] >= 1
