@@ -312,6 +312,12 @@ class Detector:
 
     def load_extra_state(self, state: dict) -> None: pass
 
+    def score_map(self, maps) -> torch.Tensor | None:
+        """Image scores (B,) from anomaly maps (B, H, W), for methods whose score is a statistic of the map (the MNA
+        prior: its maximum); the tiling stage then scores a panel from its stitched map. None (the default): the
+        score is the method's own, and a tiled panel takes its largest tile score."""
+        return None
+
     def file_metadata(self) -> dict[str, str]:
         "More string entries for the model file's metadata (the tiling stage records its tiling here)."
         return {}

@@ -61,7 +61,8 @@ class TileStream:
 class Tiled(Detector):
     """The tiling stage around any detector: cut each panel into tiles, score them `batch` at a time (passing each
     tile's position to detectors whose capabilities say `uses_positions`), stitch the tile maps with the tiling
-    kernels, take the largest tile score as the panel's score. Calibration, saving and loading work as for any
+    kernels, take the largest tile score as the panel's score (or, for methods whose score is a statistic of their
+    map, `score_map` of the stitched map). Calibration, saving and loading work as for any
     detector; the file records the tiling, so `Detector.load` gives back a `Tiled`.
 
     detector: the method (a `Detector`); tiling: a `TileConfig`. fit(panels) hands the detector a `TileStream`
@@ -123,7 +124,8 @@ class Tiled(Detector):
                 for k, v in pred.extras.items():           # per-tile maps are stitched too; per-tile numbers averaged
                     if v.shape == pred.maps.shape: extras.setdefault(k, []).append(stitch(torch.from_numpy(v).float(), origins, (H, W), blend=c.blend))
                     elif v.ndim == 1: extras.setdefault(k, []).append(torch.tensor(float(v.mean())))
-            scores.append(torch.from_numpy(pred.scores).max())
+            from_map = det.score_map(maps[-1][None])           # methods that score their map score the stitched one
+            scores.append(torch.from_numpy(pred.scores).max() if from_map is None else torch.as_tensor(from_map).reshape(-1)[0])
         return Prediction(torch.stack(scores), torch.stack(maps), {k: torch.stack(v) for k, v in extras.items()})
 
     def state_tensors(self) -> dict[str, torch.Tensor]: return self.detector.state_tensors()

@@ -631,6 +631,10 @@ class LatentPriorDetector(Detector):
         self.nll_threshold = float(torch.quantile(nll.double(), c.nll_quantile))
 
     # -- predict ------------------------------------------------------------------------------------------
+    def score_map(self, maps) -> torch.Tensor:
+        "The image score is a statistic of the crack map (config.score): a tiled panel is scored on its stitched map."
+        return self._image_scores(torch.as_tensor(maps))
+
     def _image_scores(self, maps: torch.Tensor) -> torch.Tensor:
         flat = maps.flatten(1)
         if self.config.score == 'max': return flat.max(1).values
