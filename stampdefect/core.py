@@ -152,11 +152,12 @@ def normal_thresholds(scores, maps, config: CalibrationConfig | None = None) -> 
     c = config or CalibrationConfig()
     c.check()
     s = np.asarray(_to_numpy(scores), dtype=np.float64).reshape(-1)
-    px = np.concatenate([np.asarray(_to_numpy(m), dtype=np.float32).reshape(-1) for m in maps])
+    maps = [np.asarray(_to_numpy(m), dtype=np.float32) for m in maps]      # views: no copy of float32 maps
     if len(s) == 0: raise ValueError("calibration needs at least one normal image")
-    if not (np.isfinite(s).all() and np.isfinite(px).all()): raise ValueError("calibration: normal scores or maps contain NaN or infinite values")
-    rec = {'rule': c.rule, 'n_images': int(len(s)), 'n_pixels': int(len(px))}
-    maxima = np.array([float(np.max(_to_numpy(m))) for m in maps])
+    if not (np.isfinite(s).all() and all(np.isfinite(m.sum()) or np.isfinite(m).all() for m in maps)):
+        raise ValueError("calibration: normal scores or maps contain NaN or infinite values")
+    rec = {'rule': c.rule, 'n_images': int(len(s)), 'n_pixels': int(sum(m.size for m in maps))}
+    maxima = np.array([float(m.max()) for m in maps])
     if c.rule == 'quantile':
         thr = float(np.quantile(s, c.quantile, method='higher'))
         pthr = float(np.quantile(maxima, c.quantile, method='higher'))
@@ -168,11 +169,11 @@ def normal_thresholds(scores, maps, config: CalibrationConfig | None = None) -> 
             pthr, pmed, psigma = robust_upper_threshold(maxima, c.image_fpr)
             rec.update(maxima_median=pmed, maxima_sigma=psigma)
         else:
-            pthr = float(np.quantile(px, 1 - c.pixel_fpr))
+            pthr = float(np.quantile(np.concatenate([m.reshape(-1) for m in maps]), 1 - c.pixel_fpr))   # pooled: one copy
             rec['pixel_fpr'] = c.pixel_fpr
     k = int((s > thr).sum())
     rec.update(threshold=thr, pixel_threshold=pthr, images_above=k, images_with_regions=int((maxima > pthr).sum()),
-               pixels_above=int((px > pthr).sum()),
+               pixels_above=int(sum(int((m > pthr).sum()) for m in maps)),
                image_fpr_upper95=round(_fpr_upper_bound(k, len(s)), 4))
     return thr, pthr, rec
 
