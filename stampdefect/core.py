@@ -227,9 +227,7 @@ def _config_kwargs(cfg_cls, d: dict, where: str) -> dict:
     if unknown: raise ValueError(f"{where}: unknown config option(s) {unknown}; valid options: {sorted(names)}")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
-# %% ../nbs/06_core.ipynb #d722f7d9
-FORMAT_NAME, FORMAT_VERSION = 'stampdefect-model', 2   # 2: tiling is a stage, both thresholds in the model; 1 is read
-
+# %% ../nbs/06_core.ipynb #5fb57ae7
 @dataclass(frozen=True)
 class Capabilities:
     """What a detector declares about itself, so that the CLI, the pipeline and the tiling stage never probe its
@@ -266,6 +264,9 @@ class TilePositions:
 
     def __len__(self): return len(self.origins)
     def __getitem__(self, s: slice) -> 'TilePositions': return TilePositions(self.origins[s], self.panel_hw)
+
+# %% ../nbs/06_core.ipynb #d722f7d9
+FORMAT_NAME, FORMAT_VERSION = 'stampdefect-model', 2   # 2: tiling is a stage, both thresholds in the model; 1 is read
 
 class Detector:
     """Base class of every method. A subclass sets `Config` (a dataclass), implements `fit`, `predict`,
@@ -432,6 +433,7 @@ def file_sha256(path) -> str:
         for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
     return h.hexdigest()
 
+# %% ../nbs/06_core.ipynb #0789fd38
 def _save(self, path, extra_metadata: dict[str, str] | None = None) -> Path:
     """Save this fitted detector to one safetensors file (atomic). extra_metadata: more string entries for the
     file's metadata (e.g. the pipeline's); they cannot replace the detector's own keys."""
@@ -448,30 +450,6 @@ def _save(self, path, extra_metadata: dict[str, str] | None = None) -> Path:
     if any(not isinstance(v, str) for v in (extra_metadata or {}).values()): raise TypeError("extra_metadata values must be strings")
     meta.update(extra_metadata or {})
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-
-def _upgrade_v1(meta: dict) -> dict:
-    """Metadata of a version-1 model file in today's form (version 2): the tiling options that used to be method
-    options (PatchCore's tile_size / tile_stride / tile_batch, the MNA prior's tile_stride) become the tiling
-    stage's record; the pixel threshold that the pipeline kept in its own metadata moves into the model's; the MNA
-    prior's map_quantile / map_threshold (its own pixel threshold) are dropped: `calibrate` sets it."""
-    meta, cfg = dict(meta), json.loads(meta.get('config', '{}'))
-    tiling = None
-    if cfg.get('tile_size') is not None:                                   # PatchCore's tiled mode
-        tiling = {'size': cfg['tile_size'], 'stride': cfg.get('tile_stride'), 'batch': cfg.get('tile_batch', 16)}
-    elif 'patch_size' in cfg and 'tile_stride' in cfg:                     # latent-prior detectors tiled panels themselves
-        P = cfg['patch_size']
-        tiling = {'size': P, 'stride': cfg['tile_stride'] or P // 2, 'batch': cfg.get('tile_batch', 16)}
-    for k in ('tile_size', 'tile_stride', 'map_quantile') if 'patch_size' in cfg else ('tile_size', 'tile_stride', 'tile_batch'):
-        cfg.pop(k, None)
-    meta['config'] = json.dumps(cfg)
-    if tiling is not None: meta['tiling'] = json.dumps({**tiling, 'blend': 'gaussian'})
-    extra = json.loads(meta.get('extra_state', '{}')); extra.pop('map_threshold', None)
-    meta['extra_state'] = json.dumps(extra)
-    pipe = json.loads(meta.get('stampdefect_pipeline', '{}'))
-    if 'pixel_threshold' not in meta and pipe.get('pixel_threshold') is not None:
-        meta['pixel_threshold'] = json.dumps(pipe['pixel_threshold'])
-    meta['format_version'] = '2'
-    return meta
 
 def _load(cls, path) -> 'Detector':
     "Load a detector saved by `save`; refuses unknown formats and versions; never unpickles."
@@ -503,6 +481,31 @@ def _load(cls, path) -> 'Detector':
 
 Detector.save = _save
 Detector.load = classmethod(_load)
+
+# %% ../nbs/06_core.ipynb #271441ce
+def _upgrade_v1(meta: dict) -> dict:
+    """Metadata of a version-1 model file in today's form (version 2): the tiling options that used to be method
+    options (PatchCore's tile_size / tile_stride / tile_batch, the MNA prior's tile_stride) become the tiling
+    stage's record; the pixel threshold that the pipeline kept in its own metadata moves into the model's; the MNA
+    prior's map_quantile / map_threshold (its own pixel threshold) are dropped: `calibrate` sets it."""
+    meta, cfg = dict(meta), json.loads(meta.get('config', '{}'))
+    tiling = None
+    if cfg.get('tile_size') is not None:                                   # PatchCore's tiled mode
+        tiling = {'size': cfg['tile_size'], 'stride': cfg.get('tile_stride'), 'batch': cfg.get('tile_batch', 16)}
+    elif 'patch_size' in cfg and 'tile_stride' in cfg:                     # latent-prior detectors tiled panels themselves
+        P = cfg['patch_size']
+        tiling = {'size': P, 'stride': cfg['tile_stride'] or P // 2, 'batch': cfg.get('tile_batch', 16)}
+    for k in ('tile_size', 'tile_stride', 'map_quantile') if 'patch_size' in cfg else ('tile_size', 'tile_stride', 'tile_batch'):
+        cfg.pop(k, None)
+    meta['config'] = json.dumps(cfg)
+    if tiling is not None: meta['tiling'] = json.dumps({**tiling, 'blend': 'gaussian'})
+    extra = json.loads(meta.get('extra_state', '{}')); extra.pop('map_threshold', None)
+    meta['extra_state'] = json.dumps(extra)
+    pipe = json.loads(meta.get('stampdefect_pipeline', '{}'))
+    if 'pixel_threshold' not in meta and pipe.get('pixel_threshold') is not None:
+        meta['pixel_threshold'] = json.dumps(pipe['pixel_threshold'])
+    meta['format_version'] = '2'
+    return meta
 
 # %% ../nbs/06_core.ipynb #967107b6
 @dataclass
