@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from stampdefect.core import Detector, Prediction, ReferenceDetector
-from stampdefect.alignment import Aligner, AlignerConfig, STNConfig, AlignResult
+from stampdefect.alignment import Aligner, AlignerConfig, AlignResult
+from stampdefect.stn import STNConfig
 from stampdefect.synthetic import SAMPLE_CONFIG, render_panel
 from stampdefect.pipeline import (find_regions, inspect_panel, check_sizes, save_pipeline, load_pipeline, aligner_path,
                                   panel_stages, torch_threads, PanelReport)
