@@ -182,7 +182,7 @@ METHODS: dict[str, str] = {                    # the registry: method name -> mo
     'reference': 'stampdefect.core',
     'patchcore': 'stampdefect.models.patchcore',
     'mna': 'stampdefect.models.mna',
-    'vqvae_ar': 'stampdefect.models.mna',
+    'vqvae_ar': 'stampdefect.models.vqvae_ar',
 }
 REGISTRY: dict[str, type] = {}                 # name -> class, filled as modules are imported
 

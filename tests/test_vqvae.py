@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from stampdefect.models.vqvae import (EMACodebook, PerceptualLoss, VQVAE, VQVAEConfig, code_usage, fit_vqvae, load_vqvae,
+from stampdefect.blocks.vqvae import (EMACodebook, PerceptualLoss, VQVAE, VQVAEConfig, code_usage, fit_vqvae, load_vqvae,
                                       perplexity, save_vqvae)
 from stampdefect.training import load_checkpoint
 

@@ -250,7 +250,7 @@ def test_explorer_bad_input():
 def tiny_mna():
     "A tiny MNA detector (untrained VQ-VAE, 2 prior steps): enough to check the wiring, in a few seconds."
     from stampdefect.core import get_detector
-    from stampdefect.models.vqvae import VQVAE
+    from stampdefect.blocks.vqvae import VQVAE
     threads = torch.get_num_threads()
     torch.set_num_threads(1)                      # tiny tensors: threads only add overhead (and contention)
     try:

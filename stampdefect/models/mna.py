@@ -1,6 +1,6 @@
 """The distribution model of Zhang, Kong and Park (*Unsupervised Crack Detection in Large Stamped Metal Products via Spatial Transformer and U2-Net with Masked Attention and Patch Positional Encoding*) over VQ-VAE codes: a U2-Net that never sees the code it predicts nor its
-neighbours, with patch positional encoding; cracks are the codes it finds unlikely, resampled and decoded. With
-the VQ-VAE + autoregressive-prior baseline of the paper's table.
+neighbours, with patch positional encoding; cracks are the codes it finds unlikely, resampled and decoded. The
+VQ-VAE + autoregressive-prior baseline of the paper's table shares its machinery (chapter 12a).
 
 Docs: https://stampdefect.github.io/stampdefect/mna_prior.html.md"""
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import math, time
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import ClassVar
 import numpy as np
 import torch
 import torch.nn as nn
@@ -19,272 +19,12 @@ import torch.nn.functional as F
 from ..core import Detector, Prediction, Capabilities, TilePositions, check_images, iter_batches, register_detector, stage
 from ..training import History, train
 from ..ops import gaussian_blur, pick_device
-from .vqvae import VQVAE, VQVAEConfig, fit_vqvae
+from ..blocks.vqvae import VQVAE, VQVAEConfig, fit_vqvae
+from ..blocks.mna import MNAPrior, MNAPriorConfig, latent_coords
 
 # %% auto #0
-__all__ = ['U2NET_BLOCKS', 'RESAMPLE_MODES', 'shift_down', 'Conv3x3', 'REBNCONV', 'down', 'up_like', 'RSU', 'ChannelAttention',
-           'MNA', 'MNAPriorConfig', 'mna_shifts', 'latent_coords', 'positional_encoding', 'U2NetBody', 'MNAPrior',
-           'code_nll', 'replacement_codes', 'crack_map', 'ARPriorConfig', 'GatedBlock', 'ARPrior', 'LatentPriorConfig',
-           'crops_with_origins', 'LatentPriorDetector', 'MNAConfig', 'MNADetector', 'VQVAEARConfig', 'VQVAEARDetector']
-
-# %% ../../nbs/12_mna_prior.ipynb #f273bc7f
-def shift_down(x: torch.Tensor, m: int) -> torch.Tensor:
-    "x: (B, C, H, W) -> same shape, rows moved down by `m` (out[..., i, :] = x[..., i - m, :], zeros above)."
-    if m <= 0: return x
-    if m >= x.shape[-2]: return torch.zeros_like(x)
-    return F.pad(x, (0, 0, m, 0))[..., :x.shape[-2], :]
-
-class Conv3x3(nn.Module):
-    """3x3 convolution with dilation `d`, zero padded to keep the size. causal=True pads only above, so output row i
-    sees input rows i-2d..i (never a row below): x (B, C, H, W) -> (B, out, H, W)."""
-    def __init__(self, cin: int, cout: int, dilation: int = 1, causal: bool = False, bias: bool = True):
-        super().__init__()
-        self.conv, self.d, self.causal = nn.Conv2d(cin, cout, 3, dilation=dilation, bias=bias), dilation, causal
-    def forward(self, x):
-        d = self.d
-        return self.conv(F.pad(x, (d, d, 2 * d, 0) if self.causal else (d, d, d, d)))
-
-class REBNCONV(nn.Module):
-    "U2-Net's basic unit: Conv3x3 (dilation d) + BatchNorm + ReLU; causal=True makes the convolution look only upward."
-    def __init__(self, cin: int, cout: int, dilation: int = 1, causal: bool = False):
-        super().__init__()
-        self.conv, self.bn = Conv3x3(cin, cout, dilation, causal), nn.BatchNorm2d(cout)
-    def forward(self, x): return F.relu(self.bn(self.conv(x)))
-
-def down(x: torch.Tensor, causal: bool) -> torch.Tensor:
-    """2x max-pooling, ceil mode (U2-Net). causal=True first shifts down one row (Laine et al. 2019), so pooled
-    row k depends only on input rows <= 2k and nearest upsampling keeps 'row i sees rows <= i'."""
-    return F.max_pool2d(shift_down(x, 1) if causal else x, 2, ceil_mode=True)
-
-def up_like(x: torch.Tensor, ref: torch.Tensor, causal: bool, factor: int = 2) -> torch.Tensor:
-    """Upsample x to ref's (H, W): bilinear as in U2-Net; when causal, output row i copies row i // factor (`factor`
-    = how many 2x poolings apart, as a power of 2), which depends only on rows <= i (bilinear would mix in the row
-    below, and nearest interpolation to a size can round up when ceil-mode pooling met odd sizes)."""
-    if x.shape[-2:] == ref.shape[-2:]: return x
-    if not causal: return F.interpolate(x, size=ref.shape[-2:], mode='bilinear', align_corners=False)
-    H, W = ref.shape[-2:]
-    rows = torch.arange(H, device=x.device) // factor
-    cols = torch.arange(W, device=x.device) // factor
-    return x.index_select(-2, rows).index_select(-1, cols)
-
-# %% ../../nbs/12_mna_prior.ipynb #66910864
-class RSU(nn.Module):
-    """Residual U-block RSU-L of U2-Net (Qin et al. 2020): x (B, cin, H, W) -> (B, cout, H, W).
-
-    height L >= 2: L-1 encoder convs with L-2 max-pools between them, a dilation-2 bottom conv, L-1 decoder convs
-    with skip concatenations, output + the input conv's features. dilated=True is RSU-LF: no pooling, dilations
-    1, 2, ..., 2^(L-2) down, 2^(L-1) at the bottom, back up. causal=True: every conv looks only upward."""
-    def __init__(self, height: int, cin: int, mid: int, cout: int, dilated: bool = False, causal: bool = False):
-        super().__init__()
-        if height < 2: raise ValueError(f"RSU height must be >= 2, got {height}")
-        self.dilated, self.causal = dilated, causal
-        dil = (lambda k: 2 ** k) if dilated else (lambda k: 1)
-        self.conv_in = REBNCONV(cin, cout, 1, causal)
-        self.enc = nn.ModuleList([REBNCONV(cout if k == 0 else mid, mid, dil(k), causal) for k in range(height - 1)])
-        self.bottom = REBNCONV(mid, mid, 2 ** (height - 1) if dilated else 2, causal)
-        self.dec = nn.ModuleList([REBNCONV(2 * mid, cout if k == height - 2 else mid, dil(height - 2 - k), causal)
-                                  for k in range(height - 1)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hx_in = self.conv_in(x)
-        h, skips = hx_in, []
-        for k, conv in enumerate(self.enc):
-            if k > 0 and not self.dilated: h = down(h, self.causal)
-            h = conv(h); skips.append(h)
-        d = self.bottom(h)
-        for conv, s in zip(self.dec, reversed(skips)):
-            d = conv(torch.cat([up_like(d, s, self.causal), s], 1))
-        return d + hx_in
-
-# %% ../../nbs/12_mna_prior.ipynb #35976a78
-class ChannelAttention(nn.Module):
-    """Squeeze-and-excitation channel weights (Hu et al. 2018): x (B, C, H, W) -> x * w, w in (0, 1).
-
-    causal=True squeezes with a running mean over rows 0..i (all columns) instead of the global mean, so that the
-    weights of row i depend only on rows <= i: a global mean would let every position see every other one."""
-    def __init__(self, channels: int, reduction: int = 4, causal: bool = False):
-        super().__init__()
-        hidden = max(4, channels // reduction)
-        self.fc1, self.fc2, self.causal = nn.Conv1d(channels, hidden, 1), nn.Conv1d(hidden, channels, 1), causal
-    def forward(self, x):
-        B, C, H, W = x.shape
-        if self.causal:
-            rows = x.sum(-1).cumsum(-1) / (torch.arange(1, H + 1, device=x.device, dtype=x.dtype) * W)   # (B, C, H)
-        else:
-            rows = x.mean((2, 3))[..., None]                                                             # (B, C, 1)
-        w = torch.sigmoid(self.fc2(F.relu(self.fc1(rows))))
-        return x * w[..., None]
-
-class MNA(nn.Module):
-    """Multi-scale neighbour-masked attention (Zhang, Kong & Park, Fig. 3) for one skip connection, one direction.
-
-    x: (B, C, H, W) causal features (row i depends on input rows <= i) -> (B, C, H, W) whose row i depends only on
-    input rows <= i - m for the smallest shift m. For each shift m in `shifts` a masked 3x3 convolution looks at
-    rows i-m-2 .. i-m (the kernel rows within m of the centre are masked out); the masked context features are
-    concatenated, fused by a 1x1 convolution and weighted by (causal) channel attention."""
-    def __init__(self, channels: int, shifts: Sequence[int], attention: bool = True, branch_channels: int | None = None):
-        super().__init__()
-        if not shifts or min(shifts) < 1: raise ValueError(f"MNA shifts must be >= 1, got {tuple(shifts)}")
-        self.shifts = tuple(int(m) for m in shifts)
-        bc = branch_channels or channels
-        self.masked = nn.ModuleList([REBNCONV(channels, bc, 1, causal=True) for _ in self.shifts])
-        self.fuse = nn.Sequential(nn.Conv2d(bc * len(self.shifts), channels, 1), nn.BatchNorm2d(channels), nn.ReLU())
-        self.attention = ChannelAttention(channels, causal=True) if attention else nn.Identity()
-    def forward(self, x):
-        ctx = torch.cat([conv(shift_down(x, m)) for m, conv in zip(self.shifts, self.masked)], 1)
-        return self.attention(self.fuse(ctx))
-
-# %% ../../nbs/12_mna_prior.ipynb #4ebd9b08
-# (block height, dilated) of the six encoder stages, and (mid, out) channels of U2NET (full) and U2NETP (small)
-U2NET_BLOCKS = ('7', '6', '5', '4', '4F', '4F')
-_EN = {'full': [(32, 64), (32, 128), (64, 256), (128, 512), (256, 512), (256, 512)], 'small': [(16, 64)] * 6}
-_DE = {'full': [(16, 64), (32, 64), (64, 128), (128, 256), (256, 512)], 'small': [(16, 64)] * 5}   # De1 .. De5
-
-@dataclass
-class MNAPriorConfig:
-    """The distribution model of Zhang, Kong & Park (Fig. 4): U2-Net with MNA skips and patch positional encoding.
-    Defaults: U2-Net as in Qin et al.; what the seed paper leaves open is marked in the chapter's table."""
-    n_codes: int = 512                   # K, the VQ-VAE's codebook size
-    code_dim: int = 64                   # D: the prior reads z_q, the codebook vectors of the codes (eq. 3)
-    u2net: str = 'full'                  # 'full' = U2NET widths (44M parameters), 'small' = U2NETP (1.1M)
-    blocks: tuple[str, ...] = U2NET_BLOCKS   # encoder stages: RSU height, 'F' = dilated RSU-LF; fewer = shallower
-    width: float = 1.0                   # multiplies every channel count (mid and out), to fit a CPU
-    side_channels: int = 32              # each stage's side output (U2-Net: 1 saliency channel; here features)
-    head_channels: int = 256             # hidden width of the 1x1 head that maps features to the K logits
-    masked: bool = True                  # False: plain U2-Net, MNA removed (the 'no MNA' ablation: it can copy)
-    mask_radius: int = 1                 # r: logits at p never see codes within Chebyshev distance r of p
-    mask_scales: int = 2                 # neighbourhoods per MNA: radii r, 2r+1, ... (multi-scale masks)
-    channel_attention: bool = True       # the MNA's channel attention
-    positional_encoding: bool = True     # patch positional encoding (where the patch sits in the panel)
-    pos_freqs: int = 4                   # sinusoid frequencies per axis: 4 * pos_freqs channels
-
-    def __post_init__(self):
-        self.blocks = tuple(str(b) for b in self.blocks)
-        if self.u2net not in _EN: raise ValueError(f"MNAPriorConfig.u2net must be 'full' or 'small', got {self.u2net!r}")
-        if not 1 <= len(self.blocks) <= 6: raise ValueError(f"MNAPriorConfig.blocks must hold 1 to 6 stages, got {self.blocks}")
-        for b in self.blocks:
-            h = b[:-1] if b.endswith('F') else b
-            if not h.isdigit() or int(h) < 2: raise ValueError(f"MNAPriorConfig.blocks: {b!r} is not an RSU height >= 2 (optionally + 'F')")
-        for name in ('n_codes', 'code_dim', 'side_channels', 'head_channels', 'mask_scales'):
-            if getattr(self, name) < 1: raise ValueError(f"MNAPriorConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_codes < 2: raise ValueError(f"MNAPriorConfig.n_codes must be >= 2, got {self.n_codes}")
-        if self.mask_radius < 0: raise ValueError(f"MNAPriorConfig.mask_radius must be >= 0, got {self.mask_radius}")
-        if not self.width > 0: raise ValueError(f"MNAPriorConfig.width must be > 0, got {self.width}")
-        if self.positional_encoding and self.pos_freqs < 1: raise ValueError("MNAPriorConfig.pos_freqs must be >= 1")
-
-    def radii(self) -> tuple[int, ...]:
-        "The masked neighbourhood radii, in latent cells: r, 2r+1, 4r+3, ..."
-        r, out = self.mask_radius, []
-        for _ in range(self.mask_scales): out.append(r); r = 2 * r + 1
-        return tuple(out)
-
-def mna_shifts(radii: Sequence[int], factor: int) -> tuple[int, ...]:
-    """Row shifts at a stage whose grid is `factor` times coarser than the latent grid: ceil((rho + 1) / factor)
-    coarse rows hide at least rho + 1 latent rows (see the causality argument), deduplicated."""
-    return tuple(sorted({-(-(rho + 1) // factor) for rho in radii}))
-
-# %% ../../nbs/12_mna_prior.ipynb #54ad18a3
-def latent_coords(origins, patch_hw: tuple[int, int], panel_hw, latent_hw: tuple[int, int]) -> torch.Tensor:
-    """Normalised panel coordinates of every latent cell of patches cut at `origins`.
-
-    origins: (B, 2) (row, col) of each patch's top-left pixel in its panel; panel_hw: (H, W) of the panel, or (B, 2)
-    per patch. Returns (B, 2, h, w) float32: (row, col) of each cell centre divided by the panel size, in [0, 1]."""
-    o = torch.as_tensor(np.asarray(origins), dtype=torch.float32).reshape(-1, 2)
-    P = torch.as_tensor(np.asarray(panel_hw), dtype=torch.float32).reshape(-1, 2).expand(len(o), 2)
-    (ph, pw), (h, w) = patch_hw, latent_hw
-    ys = (torch.arange(h, dtype=torch.float32) + 0.5) * (ph / h)
-    xs = (torch.arange(w, dtype=torch.float32) + 0.5) * (pw / w)
-    rows = (o[:, 0, None] + ys) / P[:, 0, None]
-    cols = (o[:, 1, None] + xs) / P[:, 1, None]
-    return torch.stack([rows[:, :, None].expand(-1, h, w), cols[:, None, :].expand(-1, h, w)], 1)
-
-def positional_encoding(coords: torch.Tensor, n_freqs: int) -> torch.Tensor:
-    "coords: (B, 2, h, w) in [0, 1] -> (B, 4 * n_freqs, h, w): sin and cos of 2^k * pi * coord, k < n_freqs."
-    f = (2.0 ** torch.arange(n_freqs, device=coords.device, dtype=coords.dtype)) * math.pi
-    a = coords[:, :, None] * f[None, None, :, None, None]                     # (B, 2, F, h, w)
-    return torch.cat([a.sin(), a.cos()], 2).flatten(1, 2)
-
-# %% ../../nbs/12_mna_prior.ipynb #5299f961
-class U2NetBody(nn.Module):
-    """U2-Net encoder-decoder with MNA skips. x: (B, cin, h, w) -> features (B, side_channels, h, w).
-
-    masked (causal=True): every conv looks upward, pooling is shifted, upsampling is nearest, and each stage's
-    output reaches the decoder only through an MNA whose shifts hide >= r + 1 latent rows: output row i depends
-    only on input rows <= i - r - 1. masked=False: the plain U2-Net (bilinear upsampling, identity skips)."""
-    def __init__(self, cin: int, cfg: MNAPriorConfig):
-        super().__init__()
-        n, causal = len(cfg.blocks), cfg.masked
-        sc = lambda c: max(4, int(round(c * cfg.width)))
-        en, de = _EN[cfg.u2net], _DE[cfg.u2net]
-        self.causal, self.encoders, self.mna, self.decoders, self.sides = causal, nn.ModuleList(), nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
-        outs, c = [], cin
-        for s, b in enumerate(cfg.blocks):
-            mid, out = sc(en[s][0]), sc(en[s][1])
-            self.encoders.append(RSU(int(b.rstrip('F')), c, mid, out, b.endswith('F'), causal))
-            self.mna.append(MNA(out, mna_shifts(cfg.radii(), 2 ** s), cfg.channel_attention, max(4, out // 2))
-                            if causal else nn.Identity())
-            outs.append(out); c = out
-        # decoder stage s (s = n-2 .. 0) reads up(deeper) + skip s, with the widths of U2-Net's De_{s+1}
-        dec_out = {n - 1: outs[-1]}
-        for s in range(n - 2, -1, -1):
-            mid, out = sc(de[s][0]), sc(de[s][1])
-            self.decoders.insert(0, RSU(int(cfg.blocks[s].rstrip('F')), dec_out[s + 1] + outs[s], mid, out,
-                                        cfg.blocks[s].endswith('F'), causal))
-            dec_out[s] = out
-        self.sides = nn.ModuleList([Conv3x3(dec_out[s], cfg.side_channels, 1, causal) for s in range(n)])
-        self.fuse = nn.Sequential(nn.Conv2d(n * cfg.side_channels, cfg.side_channels, 1), nn.ReLU())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats, h = [], x
-        for s, enc in enumerate(self.encoders):
-            if s > 0: h = down(h, self.causal)
-            h = enc(h); feats.append(h)
-        ctx = [m(f) for m, f in zip(self.mna, feats)]       # only these reach the decoder
-        d, dec_feats = ctx[-1], [None] * len(ctx)
-        dec_feats[-1] = d
-        for s in range(len(ctx) - 2, -1, -1):
-            d = self.decoders[s](torch.cat([up_like(d, ctx[s], self.causal), ctx[s]], 1))
-            dec_feats[s] = d
-        sides = [up_like(side(f), x, self.causal, 2 ** s) for s, (side, f) in enumerate(zip(self.sides, dec_feats))]
-        return self.fuse(torch.cat(sides, 1))
-
-# %% ../../nbs/12_mna_prior.ipynb #a9a46197
-class MNAPrior(nn.Module):
-    """p(c_j | z_q outside j's neighbourhood) at every latent position (Zhang, Kong & Park, eq. 3-4 with the MNA mask).
-
-    forward(z_q (B, D, h, w) float, coords (B, 2, h, w) in [0, 1] or None) -> logits (B, K, h, w).
-    masked: four copies of a causal U2-Net body look up, left, down and right (by rotating the input, shared
-    weights, as Laine et al. 2019); each is blind to the r + 1 rows nearest p on its side, so together they never
-    see the (2r+1) x (2r+1) square around p. A 1x1 head combines them with the positional encoding at p (which
-    carries no code). coords None: the patch is taken as the whole panel."""
-    def __init__(self, config: MNAPriorConfig | None = None):
-        super().__init__()
-        self.config = cfg = config if config is not None else MNAPriorConfig()
-        if not isinstance(cfg, MNAPriorConfig): raise TypeError(f"config must be an MNAPriorConfig, got {type(cfg).__name__}")
-        pe = 4 * cfg.pos_freqs if cfg.positional_encoding else 0
-        self.body = U2NetBody(cfg.code_dim + pe, cfg)
-        n_dir = 4 if cfg.masked else 1
-        self.head = nn.Sequential(nn.Conv2d(n_dir * cfg.side_channels + pe, cfg.head_channels, 1), nn.ReLU(),
-                                  nn.Conv2d(cfg.head_channels, cfg.n_codes, 1))
-
-    def forward(self, z_q: torch.Tensor, coords: torch.Tensor | None = None) -> torch.Tensor:
-        cfg = self.config
-        if not isinstance(z_q, torch.Tensor) or z_q.ndim != 4 or z_q.shape[1] != cfg.code_dim:
-            raise ValueError(f"z_q must be (B, {cfg.code_dim}, h, w) (config.code_dim={cfg.code_dim}), got {tuple(getattr(z_q, 'shape', ()))}")
-        B, _, h, w = z_q.shape
-        x, pe = z_q.float(), None
-        if cfg.positional_encoding:
-            if coords is None: coords = latent_coords(np.zeros((B, 2)), (h, w), (h, w), (h, w)).to(z_q.device)
-            if coords.shape != (B, 2, h, w): raise ValueError(f"coords must be (B, 2, h, w) = {(B, 2, h, w)}, got {tuple(coords.shape)}")
-            pe = positional_encoding(coords.float(), cfg.pos_freqs)
-            x = torch.cat([x, pe], 1)
-        if not cfg.masked: feats = self.body(x)
-        elif h == w:                 # the four directions in one batch
-            y = self.body(torch.cat([torch.rot90(x, k, (2, 3)) for k in range(4)]))
-            feats = torch.cat([torch.rot90(t, -k, (2, 3)) for k, t in enumerate(y.chunk(4))], 1)
-        else:
-            feats = torch.cat([torch.rot90(self.body(torch.rot90(x, k, (2, 3))), -k, (2, 3)) for k in range(4)], 1)
-        return self.head(feats if pe is None else torch.cat([feats, pe], 1))
+__all__ = ['RESAMPLE_MODES', 'code_nll', 'replacement_codes', 'crack_map', 'LatentPriorConfig', 'crops_with_origins',
+           'LatentPriorDetector', 'MNAConfig', 'MNADetector']
 
 # %% ../../nbs/12_mna_prior.ipynb #65cda72c
 def code_nll(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -316,90 +56,6 @@ def crack_map(x_rec: torch.Tensor, x_res: torch.Tensor, sigma: float = 2.0) -> t
     """The paper's crack indication: |decode(original codes) - decode(resampled codes)|, mean over channels,
     Gaussian-smoothed. x_rec, x_res: (B, C, H, W) -> (B, H, W) float32, exactly 0 where no code changed nearby."""
     return gaussian_blur((x_rec.float() - x_res.float()).abs().mean(1), sigma, radius=math.ceil(3 * sigma), padding='replicate')
-
-# %% ../../nbs/12_mna_prior.ipynb #57a61eba
-@dataclass
-class ARPriorConfig:
-    """Autoregressive prior of the VQ-VAE2-PixelSNAIL baseline (Zhang, Kong & Park, Table 1; Chen et al. 2018), reduced:
-    gated causal convolutions (a vertical and a horizontal stack, no blind spot) and optional causal attention.
-    Defaults follow rosinality's top prior where it fits a CPU (channel 256 -> 128, see the chapter)."""
-    n_codes: int = 512
-    channels: int = 128                  # rosinality top prior: 256
-    kernel_size: int = 5                 # rosinality: 5
-    n_blocks: int = 4                    # gated residual blocks (rosinality: n_block 4 x n_res_block 4)
-    attention: bool = False              # causal self-attention after the blocks (PixelSNAIL's; off for the CPU)
-    dropout: float = 0.1                 # rosinality: 0.1
-
-    def __post_init__(self):
-        if self.n_codes < 2: raise ValueError(f"ARPriorConfig.n_codes must be >= 2, got {self.n_codes}")
-        if self.channels < 1 or self.n_blocks < 0: raise ValueError("ARPriorConfig: channels must be >= 1 and n_blocks >= 0")
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0: raise ValueError(f"ARPriorConfig.kernel_size must be odd, got {self.kernel_size}")
-        if not 0 <= self.dropout < 1: raise ValueError(f"ARPriorConfig.dropout must be in [0, 1), got {self.dropout}")
-
-class _VConv(nn.Module):
-    "Vertical stack conv: output row i sees input rows i-k//2 .. i (all columns within k//2)."
-    def __init__(self, cin, cout, k):
-        super().__init__(); self.k, self.conv = k, nn.Conv2d(cin, cout, (k // 2 + 1, k))
-    def forward(self, x): return self.conv(F.pad(x, (self.k // 2, self.k // 2, self.k // 2, 0)))
-
-class _HConv(nn.Module):
-    "Horizontal stack conv: output (i, j) sees input row i, columns j-k//2 .. j."
-    def __init__(self, cin, cout, k):
-        super().__init__(); self.k, self.conv = k, nn.Conv2d(cin, cout, (1, k // 2 + 1))
-    def forward(self, x): return self.conv(F.pad(x, (self.k // 2, 0, 0, 0)))
-
-def _shift_right(x): return F.pad(x, (1, 0, 0, 0))[..., :x.shape[-1]]
-
-def _gate(x): a, b = x.chunk(2, 1); return torch.tanh(a) * torch.sigmoid(b)
-
-class GatedBlock(nn.Module):
-    "Gated PixelCNN block (van den Oord et al. 2016), type B: v and h stacks (B, C, H, W) -> same."
-    def __init__(self, c, k, dropout):
-        super().__init__()
-        self.v, self.h, self.v2h, self.h_out = _VConv(c, 2 * c, k), _HConv(c, 2 * c, k), nn.Conv2d(2 * c, 2 * c, 1), nn.Conv2d(c, c, 1)
-        self.drop = nn.Dropout(dropout)
-    def forward(self, v, h):
-        v_pre = self.v(v)                                   # v already sees only rows above: no shift needed
-        v_new = _gate(v_pre)
-        h_new = h + self.drop(self.h_out(_gate(self.h(h) + self.v2h(v_pre))))
-        return v_new, h_new
-
-class ARPrior(nn.Module):
-    """p(c_j | c_<j) in raster order: codes (B, h, w) int64 -> logits (B, K, h, w); logits at j depend only on codes
-    strictly before j (rows above, and the same row to the left)."""
-    def __init__(self, config: ARPriorConfig | None = None):
-        super().__init__()
-        self.config = cfg = config if config is not None else ARPriorConfig()
-        if not isinstance(cfg, ARPriorConfig): raise TypeError(f"config must be an ARPriorConfig, got {type(cfg).__name__}")
-        c, k = cfg.channels, cfg.kernel_size
-        self.embed = nn.Embedding(cfg.n_codes, c)
-        self.v_in, self.h_in = _VConv(c, c, k), _HConv(c, c, k)       # type A: shifted below
-        self.blocks = nn.ModuleList([GatedBlock(c, k, cfg.dropout) for _ in range(cfg.n_blocks)])
-        if cfg.attention:
-            self.qkv = nn.Conv2d(c + 2, 3 * c, 1)
-        self.out = nn.Sequential(nn.ReLU(), nn.Conv2d(c, c, 1), nn.ReLU(), nn.Conv2d(c, cfg.n_codes, 1))
-
-    def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        K = self.config.n_codes
-        if not isinstance(codes, torch.Tensor) or codes.ndim != 3: raise ValueError(f"codes must be (B, h, w), got {tuple(getattr(codes, 'shape', ()))}")
-        if codes.dtype not in (torch.int64, torch.int32): raise TypeError(f"codes must be int64 indices, got {codes.dtype}")
-        if codes.numel() and (codes.min() < 0 or codes.max() >= K): raise ValueError(f"codes must lie in [0, {K}), found [{int(codes.min())}, {int(codes.max())}]")
-        x = self.embed(codes.long()).permute(0, 3, 1, 2)
-        v = shift_down(self.v_in(x), 1)                     # rows < i
-        h = _shift_right(self.h_in(x)) + v                  # same row, columns < j, plus rows above
-        for blk in self.blocks: v, h = blk(v, h)
-        if self.config.attention: h = h + self._attend(h)
-        return self.out(h)
-
-    def _attend(self, h):
-        "Causal self-attention over raster positions: position j attends to positions <= j (whose features see codes < j)."
-        B, C, H, W = h.shape
-        yy, xx = torch.meshgrid(torch.linspace(-1, 1, H, device=h.device), torch.linspace(-1, 1, W, device=h.device), indexing='ij')
-        q, k, v = self.qkv(torch.cat([h, yy.expand(B, 1, H, W), xx.expand(B, 1, H, W)], 1)).flatten(2).chunk(3, 1)
-        att = (q.transpose(1, 2) @ k) / math.sqrt(C)                                     # (B, HW, HW)
-        mask = torch.ones(H * W, H * W, dtype=torch.bool, device=h.device).triu(1)
-        att = att.masked_fill(mask, float('-inf')).softmax(-1)
-        return (v @ att.transpose(1, 2)).view(B, C, H, W)
 
 # %% ../../nbs/12_mna_prior.ipynb #0bf41f75
 @dataclass
@@ -445,6 +101,7 @@ class LatentPriorConfig:
     def vqvae_config(self) -> VQVAEConfig:
         return VQVAEConfig(**{**self.vqvae, 'in_channels': self.channels})
 
+# %% ../../nbs/12_mna_prior.ipynb #f7d5e0df
 def _panels(data, channels: int, min_size: int, name: str) -> list[torch.Tensor]:
     "Normal images from anything `iter_batches` accepts, as a list of (C, H, W) float32 tensors of at least min_size."
     out = []
@@ -471,7 +128,7 @@ def crops_with_origins(panels: list[torch.Tensor], size: int, batch_size: int, b
 # %% ../../nbs/12_mna_prior.ipynb #94693985
 class LatentPriorDetector(Detector):
     """VQ-VAE + a prior over its codes; codes the prior finds unlikely are resampled, both code grids are decoded and
-    the crack map is their difference (Fig. 5 of the SAM + STN + VQ-VAE paper this project builds on). Subclasses provide the prior (`_build_prior`,
+    the crack map is their difference (Zhang, Kong & Park, Fig. 5). Subclasses provide the prior (`_build_prior`,
     `_logits`) and the restoration order (`_restore`)."""
     Config: ClassVar[type] = LatentPriorConfig
     presets: ClassVar[dict] = {}                  # set per detector below: 'tiny', 'cpu', 'paper'
@@ -523,161 +180,8 @@ class LatentPriorDetector(Detector):
                              f"larger images go through the tiling stage, Tiled(detector, TileConfig({P}, {P // 2}))")
         return x
 
-    @torch.no_grad()
-    def explain(self, x: torch.Tensor, positions: TilePositions | None = None, threshold: float | None = None) -> dict[str, torch.Tensor]:
-        """Run the whole detection on patches x: (B, C, P, P) in [0, 1] cut at `positions` (default: each patch is
-        its own panel). threshold: NLL threshold (default: the fitted one).
-        Returns dict: codes, new_codes (B, h, w) int64; nll (B, h, w) float32 (of the original codes); resampled
-        (B, h, w) bool; x_rec, x_res (B, C, P, P) decodings of the original and resampled codes; map (B, P, P)."""
-        self._check_fitted()
-        x = self._check_patches(x)
-        thr = self.nll_threshold if threshold is None else float(threshold)
-        was = self.prior.training; self.prior.eval(); self.vqvae.eval()
-        try:
-            x = x.to(self.device)
-            codes = self.vqvae.encode(x)[1]
-            coords = self._coords(positions, len(x), codes.shape[-2:])
-            new, nll = self._restore(codes, coords, thr)
-            x_rec, x_res = self.vqvae.decode_codes(codes), self.vqvae.decode_codes(new)
-        finally:
-            self.prior.train(was)
-        return {'codes': codes, 'new_codes': new, 'nll': nll, 'resampled': new != codes, 'x_rec': x_rec, 'x_res': x_res,
-                'map': crack_map(x_rec, x_res, self.config.smooth_sigma)}
+    # fit, explain, replacement_candidates, predict, score_map and the persistence methods: the cells below
 
-    @torch.no_grad()
-    def replacement_candidates(self, x: torch.Tensor, positions: TilePositions | None = None) -> dict[str, torch.Tensor]:
-        """What resampling would put at every code position of patches x (B, C, P, P), in one prior pass over the
-        original codes (what the latent explorer shows): codes, candidates (B, h, w) int64; nll (B, h, w) float32;
-        x_rec (B, C, P, P), the decoding of the original codes."""
-        self._check_fitted()
-        x = self._check_patches(x).to(self.device)
-        was = self.prior.training; self.prior.eval()
-        try:
-            codes = self.vqvae.encode(x)[1]
-            logits = self._logits(codes, self._coords(positions, len(x), codes.shape[-2:]))
-            cand = replacement_codes(codes, logits, self.vqvae.codebook.embed, self.config.resample)
-        finally:
-            self.prior.train(was)
-        return {'codes': codes, 'candidates': cand, 'nll': code_nll(logits, codes), 'x_rec': self.vqvae.decode_codes(codes)}
-
-    # -- fit ----------------------------------------------------------------------------------------------
-    def fit(self, train_data, batch_size: int | None = None, progress: bool = False, max_minutes: float | None = None,
-            ckpt_dir=None, vqvae: VQVAE | None = None, calib_data=None, ckpt_every: int = 200) -> 'LatentPriorDetector':
-        """Train on normal images only: the VQ-VAE on random patch_size crops (skipped when a trained `vqvae` is given),
-        then the prior on the codes of random crops, then nll_threshold on `calib_patches` crops of `calib_data`
-        (default: train_data). train_data: images (any size >= patch_size) in anything `iter_batches` accepts.
-        batch_size: not used (the batch sizes are the config's vqvae_batch and prior_batch).
-        max_minutes: time budget of the two trainings together (the VQ-VAE may take half of it; each stops at its
-        share with a checkpoint, and `history[...].stopped_on_budget` says so). ckpt_dir: an existing folder, one
-        per model, for the training checkpoints (written every `ckpt_every` steps); a later fit with the same
-        folder and config resumes from them. None: no checkpoints."""
-        c = self.config
-        panels = _panels(train_data, c.channels, c.patch_size, 'train_data')
-        calib = panels if calib_data is None else _panels(calib_data, c.channels, c.patch_size, 'calib_data')
-        dev = pick_device(c.device)
-        if ckpt_dir is not None and not Path(ckpt_dir).is_dir(): raise FileNotFoundError(f"ckpt_dir {ckpt_dir} is not an existing folder")
-        ck = (lambda name: None) if ckpt_dir is None else (lambda name: Path(ckpt_dir) / f'{self.name}_{name}.ckpt')
-        t0 = time.time()
-        budget = None if max_minutes is None else 60.0 * max_minutes
-        if budget is not None and budget <= 0: raise ValueError(f"max_minutes must be positive, got {max_minutes}")
-        if vqvae is None:
-            torch.manual_seed(c.seed)
-            vqvae = VQVAE(c.vqvae_config())
-            self.history['vqvae'] = fit_vqvae(vqvae, panels, c.vqvae_steps, batch_size=c.vqvae_batch, crop_size=c.patch_size,
-                                              lr=c.vqvae_lr, device=dev, ckpt_path=ck('vqvae'), ckpt_every=ckpt_every, seed=c.seed,
-                                              progress=progress, max_seconds=None if budget is None else budget / 2)
-        else:
-            if not isinstance(vqvae, VQVAE): raise TypeError(f"vqvae must be a trained VQVAE, got {type(vqvae).__name__}")
-            if vqvae.config.in_channels != c.channels:
-                raise ValueError(f"vqvae has in_channels={vqvae.config.in_channels}, config.channels={c.channels}")
-            self.config.vqvae = {k: v for k, v in asdict(vqvae.config).items() if k != 'in_channels'}
-        if c.patch_size % vqvae.config.downsample: raise ValueError(f"patch_size={c.patch_size} is not a multiple of the VQ-VAE downsample={vqvae.config.downsample}")
-        self.vqvae = vqvae.to(dev).eval().requires_grad_(False)
-        torch.manual_seed(c.seed)
-        self.prior = self._build_prior().to(dev)
-        opt = torch.optim.Adam(self.prior.parameters(), lr=c.prior_lr)
-        P = c.patch_size
-
-        def step(batch):
-            crops, origins, hw = batch
-            with torch.no_grad():
-                codes = self.vqvae.encode(crops)[1]
-            logits = self._logits(codes, latent_coords(origins.cpu(), (P, P), hw.cpu(), codes.shape[-2:]).to(dev))
-            return {'loss': F.cross_entropy(logits.float(), codes), 'accuracy': (logits.argmax(1) == codes).float().mean()}
-
-        self.history['prior'] = train(step, self.prior, opt, crops_with_origins(panels, P, c.prior_batch), c.prior_steps,
-                                      ckpt_path=ck('prior'), ckpt_every=ckpt_every, seed=c.seed, progress=progress,
-                                      desc=f'{self.name} prior',
-                                      max_seconds=None if budget is None else max(1.0, budget - (time.time() - t0)))
-        self.prior.eval()
-        self.fitted = True
-        self._calibrate_nll(calib)
-        self.fit_seconds = time.time() - t0
-        return self
-
-    @torch.no_grad()
-    def _calibrate_nll(self, panels: list[torch.Tensor]) -> None:
-        """nll_threshold: the nll_quantile of the NLLs of normal codes (which codes to resample: part of the method;
-        the decision thresholds come from `calibrate`, as for every detector)."""
-        c, P = self.config, self.config.patch_size
-        crops, origins, hw = next(crops_with_origins(panels, P, c.calib_patches, 1)(torch.Generator().manual_seed(c.seed + 1)))
-        self.prior.eval()
-        nll = []
-        for i in range(0, len(crops), c.tile_batch):          # crops of panels of any size: coordinates per crop
-            codes = self.vqvae.encode(crops[i:i + c.tile_batch].to(self.device))[1]
-            coords = latent_coords(origins[i:i + c.tile_batch], (P, P), hw[i:i + c.tile_batch], codes.shape[-2:]).to(self.device)
-            nll.append(code_nll(self._logits(codes, coords), codes).flatten().cpu())
-        nll = torch.cat(nll)
-        self.nll_threshold = float(torch.quantile(nll.double(), c.nll_quantile))
-
-    # -- predict ------------------------------------------------------------------------------------------
-    def score_map(self, maps) -> torch.Tensor:
-        "The image score is a statistic of the crack map (config.score): a tiled panel is scored on its stitched map."
-        return self._image_scores(torch.as_tensor(maps))
-
-    def _image_scores(self, maps: torch.Tensor) -> torch.Tensor:
-        flat = maps.flatten(1)
-        if self.config.score == 'max': return flat.max(1).values
-        return flat.topk(min(self.config.topk, flat.shape[1]), 1).values.mean(1)
-
-    @torch.no_grad()
-    def predict(self, images, positions: TilePositions | None = None) -> Prediction:
-        """images: patches (B, C, P, P) float32 in [0, 1], P = patch_size; `positions` says where each was cut
-        (default: each patch is its own panel). Panels go through the tiling stage, which passes the positions.
-        Returns scores (B,), maps (B, P, P) and extras nll_map (B, P, P) (NLL of each code, upsampled) and
-        resampled_fraction (B,)."""
-        self._check_fitted()
-        x = self._check_patches(images, 'images')
-        c, P = self.config, self.config.patch_size
-        if positions is not None and len(positions) != len(x): raise ValueError(f"positions has {len(positions)} rows for {len(x)} images")
-        maps, nll_maps, frac = [], [], []
-        for i in range(0, len(x), c.tile_batch):
-            with stage('detect'):
-                out = self.explain(x[i:i + c.tile_batch], None if positions is None else positions[i:i + c.tile_batch])
-            maps.append(out['map'].cpu())
-            nll_maps.append(F.interpolate(out['nll'][:, None].cpu(), size=(P, P), mode='nearest')[:, 0])
-            frac.append(out['resampled'].flatten(1).float().mean(1).cpu())
-        maps = torch.cat(maps)
-        return Prediction(self._image_scores(maps), maps, {'nll_map': torch.cat(nll_maps), 'resampled_fraction': torch.cat(frac)})
-
-    # -- persistence --------------------------------------------------------------------------------------
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {**{f'vqvae.{k}': v for k, v in self.vqvae.state_dict().items()},
-                **{f'prior.{k}': v for k, v in self.prior.state_dict().items()}}
-
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        dev = pick_device(self.config.device)
-        self.vqvae = VQVAE(self.config.vqvae_config())
-        self.vqvae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith('vqvae.')})
-        self.vqvae = self.vqvae.to(dev).eval().requires_grad_(False)
-        self.prior = self._build_prior()
-        self.prior.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith('prior.')})
-        self.prior = self.prior.to(dev).eval()
-
-    def extra_state(self) -> dict: return {'nll_threshold': self.nll_threshold}
-    def load_extra_state(self, state: dict) -> None:
-        self.nll_threshold = state.get('nll_threshold')
-        if self.nll_threshold is None: raise KeyError('nll_threshold missing from the model file')
 
 # %% ../../nbs/12_mna_prior.ipynb #f13c24b2
 @dataclass
@@ -723,41 +227,174 @@ class MNADetector(LatentPriorDetector):
             cur = torch.where(flag, replacement_codes(cur, logits, self.vqvae.codebook.embed, self.config.resample), cur)
         return cur, nll0
 
-# %% ../../nbs/12_mna_prior.ipynb #6dfb2253
-@dataclass
-class VQVAEARConfig(LatentPriorConfig):
-    "VQ-VAE + autoregressive prior baseline (Zhang, Kong & Park, Table 1), restored in raster order (`prior`: ARPriorConfig overrides)."
-    prior_lr: float = 3e-4               # rosinality PixelSNAIL
-    prior_batch: int = 32                # rosinality PixelSNAIL
+# %% ../../nbs/12_mna_prior.ipynb #f48e758f
+def _fit(self: LatentPriorDetector, train_data, batch_size: int | None = None, progress: bool = False, max_minutes: float | None = None,
+        ckpt_dir=None, vqvae: VQVAE | None = None, calib_data=None, ckpt_every: int = 200) -> 'LatentPriorDetector':
+    """Train on normal images only: the VQ-VAE on random patch_size crops (skipped when a trained `vqvae` is given),
+    then the prior on the codes of random crops, then nll_threshold on `calib_patches` crops of `calib_data`
+    (default: train_data). train_data: images (any size >= patch_size) in anything `iter_batches` accepts.
+    batch_size: not used (the batch sizes are the config's vqvae_batch and prior_batch).
+    max_minutes: time budget of the two trainings together (the VQ-VAE may take half of it; each stops at its
+    share with a checkpoint, and `history[...].stopped_on_budget` says so). ckpt_dir: an existing folder, one
+    per model, for the training checkpoints (written every `ckpt_every` steps); a later fit with the same
+    folder and config resumes from them. None: no checkpoints."""
+    c = self.config
+    panels = _panels(train_data, c.channels, c.patch_size, 'train_data')
+    calib = panels if calib_data is None else _panels(calib_data, c.channels, c.patch_size, 'calib_data')
+    dev = pick_device(c.device)
+    if ckpt_dir is not None and not Path(ckpt_dir).is_dir(): raise FileNotFoundError(f"ckpt_dir {ckpt_dir} is not an existing folder")
+    ck = (lambda name: None) if ckpt_dir is None else (lambda name: Path(ckpt_dir) / f'{self.name}_{name}.ckpt')
+    t0 = time.time()
+    budget = None if max_minutes is None else 60.0 * max_minutes
+    if budget is not None and budget <= 0: raise ValueError(f"max_minutes must be positive, got {max_minutes}")
+    if vqvae is None:
+        torch.manual_seed(c.seed)
+        vqvae = VQVAE(c.vqvae_config())
+        self.history['vqvae'] = fit_vqvae(vqvae, panels, c.vqvae_steps, batch_size=c.vqvae_batch, crop_size=c.patch_size,
+                                          lr=c.vqvae_lr, device=dev, ckpt_path=ck('vqvae'), ckpt_every=ckpt_every, seed=c.seed,
+                                          progress=progress, max_seconds=None if budget is None else budget / 2)
+    else:
+        if not isinstance(vqvae, VQVAE): raise TypeError(f"vqvae must be a trained VQVAE, got {type(vqvae).__name__}")
+        if vqvae.config.in_channels != c.channels:
+            raise ValueError(f"vqvae has in_channels={vqvae.config.in_channels}, config.channels={c.channels}")
+        self.config.vqvae = {k: v for k, v in asdict(vqvae.config).items() if k != 'in_channels'}
+    if c.patch_size % vqvae.config.downsample: raise ValueError(f"patch_size={c.patch_size} is not a multiple of the VQ-VAE downsample={vqvae.config.downsample}")
+    self.vqvae = vqvae.to(dev).eval().requires_grad_(False)
+    torch.manual_seed(c.seed)
+    self.prior = self._build_prior().to(dev)
+    opt = torch.optim.Adam(self.prior.parameters(), lr=c.prior_lr)
+    P = c.patch_size
 
-@register_detector('vqvae_ar')
-class VQVAEARDetector(LatentPriorDetector):
-    """Latent restoration with an autoregressive prior (Marimont & Tarroni): in raster order, every code whose NLL given
-    the (already restored) codes before it exceeds the threshold is replaced; one prior pass per replacement."""
-    Config = VQVAEARConfig
-    presets = {'tiny': {**MNADetector.presets['tiny'], 'prior': dict(channels=8, n_blocks=1)},
-               'cpu': {**MNADetector.presets['cpu'], 'prior': dict(channels=64, n_blocks=3)}, 'paper': {}}
+    def step(batch):
+        crops, origins, hw = batch
+        with torch.no_grad():
+            codes = self.vqvae.encode(crops)[1]
+        logits = self._logits(codes, latent_coords(origins.cpu(), (P, P), hw.cpu(), codes.shape[-2:]).to(dev))
+        return {'loss': F.cross_entropy(logits.float(), codes), 'accuracy': (logits.argmax(1) == codes).float().mean()}
 
-    def _build_prior(self) -> ARPrior: return ARPrior(ARPriorConfig(**self._prior_kwargs()))
-    def _logits(self, codes, coords): return self.prior(codes)
+    self.history['prior'] = train(step, self.prior, opt, crops_with_origins(panels, P, c.prior_batch), c.prior_steps,
+                                  ckpt_path=ck('prior'), ckpt_every=ckpt_every, seed=c.seed, progress=progress,
+                                  desc=f'{self.name} prior',
+                                  max_seconds=None if budget is None else max(1.0, budget - (time.time() - t0)))
+    self.prior.eval()
+    self.fitted = True
+    self._calibrate_nll(calib)
+    self.fit_seconds = time.time() - t0
+    return self
 
-    def _restore(self, codes, coords, threshold):
-        cur = codes.clone()
-        B, h, w = cur.shape
-        done = torch.zeros(B, dtype=torch.long, device=cur.device)        # positions < done[b] are final
-        idx = torch.arange(h * w, device=cur.device)
-        embed, nll0 = self.vqvae.codebook.embed, None
-        for _ in range(h * w):
-            logits = self._logits(cur, coords)
-            nll = code_nll(logits, cur)
-            nll0 = nll if nll0 is None else nll0
-            flag = (nll.flatten(1) > threshold) & (idx[None] >= done[:, None])
-            if not flag.any(): break
-            first = torch.where(flag, idx[None], h * w).min(1).values             # earliest flagged position per patch
-            rows = (first < h * w).nonzero().squeeze(1)
-            repl = replacement_codes(cur, logits, embed, self.config.resample).flatten(1)
-            flat = cur.view(B, -1)
-            flat[rows, first[rows]] = repl[rows, first[rows]]
-            done[rows] = first[rows] + 1
-            done[first == h * w] = h * w
-        return cur, nll0
+@torch.no_grad()
+def _calibrate_nll(self: LatentPriorDetector, panels: list[torch.Tensor]) -> None:
+    """nll_threshold: the nll_quantile of the NLLs of normal codes (which codes to resample: part of the method;
+    the decision thresholds come from `calibrate`, as for every detector)."""
+    c, P = self.config, self.config.patch_size
+    crops, origins, hw = next(crops_with_origins(panels, P, c.calib_patches, 1)(torch.Generator().manual_seed(c.seed + 1)))
+    self.prior.eval()
+    nll = []
+    for i in range(0, len(crops), c.tile_batch):          # crops of panels of any size: coordinates per crop
+        codes = self.vqvae.encode(crops[i:i + c.tile_batch].to(self.device))[1]
+        coords = latent_coords(origins[i:i + c.tile_batch], (P, P), hw[i:i + c.tile_batch], codes.shape[-2:]).to(self.device)
+        nll.append(code_nll(self._logits(codes, coords), codes).flatten().cpu())
+    nll = torch.cat(nll)
+    self.nll_threshold = float(torch.quantile(nll.double(), c.nll_quantile))
+
+LatentPriorDetector.fit = _fit
+LatentPriorDetector._calibrate_nll = _calibrate_nll
+
+# %% ../../nbs/12_mna_prior.ipynb #dba9bd70
+@torch.no_grad()
+def _explain(self: LatentPriorDetector, x: torch.Tensor, positions: TilePositions | None = None, threshold: float | None = None) -> dict[str, torch.Tensor]:
+    """Run the whole detection on patches x: (B, C, P, P) in [0, 1] cut at `positions` (default: each patch is
+    its own panel). threshold: NLL threshold (default: the fitted one).
+    Returns dict: codes, new_codes (B, h, w) int64; nll (B, h, w) float32 (of the original codes); resampled
+    (B, h, w) bool; x_rec, x_res (B, C, P, P) decodings of the original and resampled codes; map (B, P, P)."""
+    self._check_fitted()
+    x = self._check_patches(x)
+    thr = self.nll_threshold if threshold is None else float(threshold)
+    was = self.prior.training; self.prior.eval(); self.vqvae.eval()
+    try:
+        x = x.to(self.device)
+        codes = self.vqvae.encode(x)[1]
+        coords = self._coords(positions, len(x), codes.shape[-2:])
+        new, nll = self._restore(codes, coords, thr)
+        x_rec, x_res = self.vqvae.decode_codes(codes), self.vqvae.decode_codes(new)
+    finally:
+        self.prior.train(was)
+    return {'codes': codes, 'new_codes': new, 'nll': nll, 'resampled': new != codes, 'x_rec': x_rec, 'x_res': x_res,
+            'map': crack_map(x_rec, x_res, self.config.smooth_sigma)}
+
+@torch.no_grad()
+def _replacement_candidates(self: LatentPriorDetector, x: torch.Tensor, positions: TilePositions | None = None) -> dict[str, torch.Tensor]:
+    """What resampling would put at every code position of patches x (B, C, P, P), in one prior pass over the
+    original codes (what the latent explorer shows): codes, candidates (B, h, w) int64; nll (B, h, w) float32;
+    x_rec (B, C, P, P), the decoding of the original codes."""
+    self._check_fitted()
+    x = self._check_patches(x).to(self.device)
+    was = self.prior.training; self.prior.eval()
+    try:
+        codes = self.vqvae.encode(x)[1]
+        logits = self._logits(codes, self._coords(positions, len(x), codes.shape[-2:]))
+        cand = replacement_codes(codes, logits, self.vqvae.codebook.embed, self.config.resample)
+    finally:
+        self.prior.train(was)
+    return {'codes': codes, 'candidates': cand, 'nll': code_nll(logits, codes), 'x_rec': self.vqvae.decode_codes(codes)}
+
+LatentPriorDetector.explain = _explain
+LatentPriorDetector.replacement_candidates = _replacement_candidates
+
+# %% ../../nbs/12_mna_prior.ipynb #9fe31efe
+def _score_map(self: LatentPriorDetector, maps) -> torch.Tensor:
+    "The image score is a statistic of the crack map (config.score): a tiled panel is scored on its stitched map."
+    return self._image_scores(torch.as_tensor(maps))
+
+def _image_scores(self: LatentPriorDetector, maps: torch.Tensor) -> torch.Tensor:
+    flat = maps.flatten(1)
+    if self.config.score == 'max': return flat.max(1).values
+    return flat.topk(min(self.config.topk, flat.shape[1]), 1).values.mean(1)
+
+@torch.no_grad()
+def _predict(self: LatentPriorDetector, images, positions: TilePositions | None = None) -> Prediction:
+    """images: patches (B, C, P, P) float32 in [0, 1], P = patch_size; `positions` says where each was cut
+    (default: each patch is its own panel). Panels go through the tiling stage, which passes the positions.
+    Returns scores (B,), maps (B, P, P) and extras nll_map (B, P, P) (NLL of each code, upsampled) and
+    resampled_fraction (B,)."""
+    self._check_fitted()
+    x = self._check_patches(images, 'images')
+    c, P = self.config, self.config.patch_size
+    if positions is not None and len(positions) != len(x): raise ValueError(f"positions has {len(positions)} rows for {len(x)} images")
+    maps, nll_maps, frac = [], [], []
+    for i in range(0, len(x), c.tile_batch):
+        with stage('detect'):
+            out = self.explain(x[i:i + c.tile_batch], None if positions is None else positions[i:i + c.tile_batch])
+        maps.append(out['map'].cpu())
+        nll_maps.append(F.interpolate(out['nll'][:, None].cpu(), size=(P, P), mode='nearest')[:, 0])
+        frac.append(out['resampled'].flatten(1).float().mean(1).cpu())
+    maps = torch.cat(maps)
+    return Prediction(self._image_scores(maps), maps, {'nll_map': torch.cat(nll_maps), 'resampled_fraction': torch.cat(frac)})
+
+LatentPriorDetector.score_map = _score_map
+LatentPriorDetector._image_scores = _image_scores
+LatentPriorDetector.predict = _predict
+
+# %% ../../nbs/12_mna_prior.ipynb #16f0b543
+def _state_tensors(self: LatentPriorDetector) -> dict[str, torch.Tensor]:
+    return {**{f'vqvae.{k}': v for k, v in self.vqvae.state_dict().items()},
+            **{f'prior.{k}': v for k, v in self.prior.state_dict().items()}}
+
+def _load_state_tensors(self: LatentPriorDetector, tensors: dict[str, torch.Tensor]) -> None:
+    dev = pick_device(self.config.device)
+    self.vqvae = VQVAE(self.config.vqvae_config())
+    self.vqvae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith('vqvae.')})
+    self.vqvae = self.vqvae.to(dev).eval().requires_grad_(False)
+    self.prior = self._build_prior()
+    self.prior.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith('prior.')})
+    self.prior = self.prior.to(dev).eval()
+
+def _extra_state(self: LatentPriorDetector) -> dict: return {'nll_threshold': self.nll_threshold}
+def _load_extra_state(self: LatentPriorDetector, state: dict) -> None:
+    self.nll_threshold = state.get('nll_threshold')
+    if self.nll_threshold is None: raise KeyError('nll_threshold missing from the model file')
+
+LatentPriorDetector.state_tensors = _state_tensors
+LatentPriorDetector.load_state_tensors = _load_state_tensors
+LatentPriorDetector.extra_state = _extra_state
+LatentPriorDetector.load_extra_state = _load_extra_state
