@@ -11,6 +11,7 @@ import math, time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from fastcore.basics import patch
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ __all__ = ['PatchCoreConfig', 'anomalib_style_config', 'reweighted_score', 'RowB
 @dataclass
 class PatchCoreConfig:
     """PatchCore (Roth et al., CVPR 2022) on EfficientNet-Lite0. Each default that differs from the paper says why
-    (the measurements are in the PatchCore chapter)."""
+    (the measurements are in nbs/experiments/patchcore_magnetic_tile.ipynb)."""
     backbone: str = 'efficientnet_lite0'   # paper: WRN-50; Lite0's weights ship with the package (nothing downloaded)
     weights: str | None = None             # None: shipped ImageNet weights; else a state-dict file (its sha256 is saved)
     layers: tuple[str, ...] = ('stage2', 'stage3')  # strides 8 and 16, where WRN-50's layer2 and layer3 are
@@ -138,7 +139,7 @@ def _grid_neighbours(origins: np.ndarray, radius: int) -> list[np.ndarray]:
     gx = np.searchsorted(np.unique(origins[:, 1]), origins[:, 1])
     return [np.flatnonzero((np.abs(gy - gy[p]) <= radius) & (np.abs(gx - gx[p]) <= radius)) for p in range(len(origins))]
 
-# %% ../../nbs/10_patchcore.ipynb #0c947f07
+# %% ../../nbs/10_patchcore.ipynb #e72b2e86
 @register_detector('patchcore')
 class PatchCore(Detector):
     """PatchCore: nearest-neighbour distance of each patch feature to a coreset of normal patch features.
@@ -169,266 +170,286 @@ class PatchCore(Detector):
         self._neighbours = None
         self.fit_stats: dict = {}
 
-    # -- features ---------------------------------------------------------------------------------------------
-    @property
-    def extractor(self):
-        "The frozen backbone (built on first use; a user weights file must match the checksum it was fitted with)."
-        c = self.config
-        if c.weights is not None:
-            if not Path(c.weights).is_file(): raise FileNotFoundError(f"backbone weights file {c.weights} does not exist")
-            digest = file_sha256(c.weights)
-            if self.weights_sha256 is None: self.weights_sha256 = digest
-            elif digest != self.weights_sha256:
-                raise ValueError(f"backbone weights file {c.weights} changed since the model was fitted "
-                                 f"(sha256 {digest[:12]}... instead of {self.weights_sha256[:12]}...); refit or restore the file")
-        return _extractor(c.backbone, c.weights, tuple(c.layers))
+# %% ../../nbs/10_patchcore.ipynb #421d940f
+@patch(as_prop=True)
+def extractor(self: PatchCore):
+    "The frozen backbone (built on first use; a user weights file must match the checksum it was fitted with)."
+    c = self.config
+    if c.weights is not None:
+        if not Path(c.weights).is_file(): raise FileNotFoundError(f"backbone weights file {c.weights} does not exist")
+        digest = file_sha256(c.weights)
+        if self.weights_sha256 is None: self.weights_sha256 = digest
+        elif digest != self.weights_sha256:
+            raise ValueError(f"backbone weights file {c.weights} changed since the model was fitted "
+                             f"(sha256 {digest[:12]}... instead of {self.weights_sha256[:12]}...); refit or restore the file")
+    return _extractor(c.backbone, c.weights, tuple(c.layers))
 
-    @property
-    def raw_dim(self) -> int:
-        "Channels of the concatenated backbone taps (152 for Lite0 stage2 + stage3)."
-        return sum(self.extractor.out_channels(l) for l in self.config.layers)
+@patch(as_prop=True)
+def raw_dim(self: PatchCore) -> int:
+    "Channels of the concatenated backbone taps (152 for Lite0 stage2 + stage3)."
+    return sum(self.extractor.out_channels(l) for l in self.config.layers)
 
-    @property
-    def feature_dim(self) -> int:
-        "Size D of a patch feature in the bank."
-        return self.raw_dim if self.config.feature_dim is None else self.config.feature_dim
+@patch
+def raw_features(self: PatchCore, x: torch.Tensor) -> torch.Tensor:
+    """Images x (B, C, H, W) float32 in [0, 1] (at model resolution) -> (B, h, w, 152) float32 on the finest
+    tap's grid (stride 8: h = ceil(H / 8)): each tap 3x3-averaged, coarser taps upsampled, concatenated."""
+    fe = self.extractor
+    with torch.inference_mode():
+        feats = fe(x)
+        hw = feats[min(feats, key=lambda l: fe.strides[l])].shape[-2:]
+        maps = []
+        for f in feats.values():
+            f = F.avg_pool2d(f, 3, stride=1, padding=1)          # the 3x3 neighbourhood of each patch
+            if f.shape[-2:] != hw: f = resize_maps(f, tuple(hw))
+            maps.append(f)
+        return torch.cat(maps, 1).permute(0, 2, 3, 1).contiguous()
 
-    def _init_projection(self) -> None:
-        c, C = self.config, self.raw_dim
-        if c.feature_dim is not None and c.projection == 'avgpool' and c.feature_dim > C:
-            raise ValueError(f"PatchCoreConfig.feature_dim={c.feature_dim} exceeds the {C} backbone channels: average pooling cannot add dimensions")
-        if c.feature_dim is None or c.projection != 'random': self.projection = None; return
-        g = torch.Generator().manual_seed(c.seed)
-        self.projection = torch.randn(C, c.feature_dim, generator=g) / math.sqrt(c.feature_dim)
+# %% ../../nbs/10_patchcore.ipynb #337f24b5
+@patch(as_prop=True)
+def feature_dim(self: PatchCore) -> int:
+    "Size D of a patch feature in the bank."
+    return self.raw_dim if self.config.feature_dim is None else self.config.feature_dim
 
-    def raw_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images x (B, C, H, W) float32 in [0, 1] (at model resolution) -> (B, h, w, 152) float32 on the finest
-        tap's grid (stride 8: h = ceil(H / 8)): each tap 3x3-averaged, coarser taps upsampled, concatenated."""
-        fe = self.extractor
-        with torch.inference_mode():
-            feats = fe(x)
-            hw = feats[min(feats, key=lambda l: fe.strides[l])].shape[-2:]
-            maps = []
-            for f in feats.values():
-                f = F.avg_pool2d(f, 3, stride=1, padding=1)          # the 3x3 neighbourhood of each patch
-                if f.shape[-2:] != hw: f = resize_maps(f, tuple(hw))
-                maps.append(f)
-            return torch.cat(maps, 1).permute(0, 2, 3, 1).contiguous()
+@patch
+def _init_projection(self: PatchCore) -> None:
+    c, C = self.config, self.raw_dim
+    if c.feature_dim is not None and c.projection == 'avgpool' and c.feature_dim > C:
+        raise ValueError(f"PatchCoreConfig.feature_dim={c.feature_dim} exceeds the {C} backbone channels: average pooling cannot add dimensions")
+    if c.feature_dim is None or c.projection != 'random': self.projection = None; return
+    g = torch.Generator().manual_seed(c.seed)
+    self.projection = torch.randn(C, c.feature_dim, generator=g) / math.sqrt(c.feature_dim)
 
-    def project(self, e: torch.Tensor) -> torch.Tensor:
-        "(..., 152) raw features -> (..., D) bank features (unchanged when feature_dim is None)."
-        if self.config.feature_dim is None: return e
-        if self.projection is not None: return e @ self.projection
-        return F.adaptive_avg_pool1d(e.reshape(-1, 1, e.shape[-1]), self.config.feature_dim).view(*e.shape[:-1], -1)
+@patch
+def project(self: PatchCore, e: torch.Tensor) -> torch.Tensor:
+    "(..., 152) raw features -> (..., D) bank features (unchanged when feature_dim is None)."
+    if self.config.feature_dim is None: return e
+    if self.projection is not None: return e @ self.projection
+    return F.adaptive_avg_pool1d(e.reshape(-1, 1, e.shape[-1]), self.config.feature_dim).view(*e.shape[:-1], -1)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        "Patch features of images x (B, C, H, W) float32 in [0, 1] at model resolution: (B, h, w, D) float32."
-        return self.project(self.raw_features(x))
+@patch
+def embed(self: PatchCore, x: torch.Tensor) -> torch.Tensor:
+    "Patch features of images x (B, C, H, W) float32 in [0, 1] at model resolution: (B, h, w, D) float32."
+    return self.project(self.raw_features(x))
 
-    # -- input handling ---------------------------------------------------------------------------------------
-    def _check_channels(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        if x.shape[1] != self.config.channels:
-            raise ValueError(f"{name}: expected {self.config.channels} channel(s) (PatchCoreConfig.channels), got "
-                             f"{x.shape[1]} (shape {tuple(x.shape)})")
-        return x
+# %% ../../nbs/10_patchcore.ipynb #4017dd43
+@patch
+def _check_channels(self: PatchCore, x: torch.Tensor, name: str) -> torch.Tensor:
+    if x.shape[1] != self.config.channels:
+        raise ValueError(f"{name}: expected {self.config.channels} channel(s) (PatchCoreConfig.channels), got "
+                         f"{x.shape[1]} (shape {tuple(x.shape)})")
+    return x
 
-    def _resize(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.config.image_size
-        return x if s is None else resize_images(x, s)
+@patch
+def _resize(self: PatchCore, x: torch.Tensor) -> torch.Tensor:
+    s = self.config.image_size
+    return x if s is None else resize_images(x, s)
 
-    def _units(self, train_data, batch_size: int, geometry: dict):
-        """Yield (images (n, C, h, w) at model resolution, their TilePositions or None): batches of `batch_size`
-        images, or the tile batches of a `TileStream` with their positions (position-aware banks need them; the
-        first panel size seen goes into `geometry`)."""
-        c = self.config
-        for item in train_data if c.position_aware else iter_batches(train_data, batch_size, 'train_data'):
-            if c.position_aware:
-                pos = item.get('positions') if isinstance(item, dict) else None
-                if pos is None:
-                    raise ValueError("train_data: position-aware banks need the tile positions: fit through the tiling stage, "
-                                     "Tiled(PatchCore(config), TileConfig(size))")
-                x = check_images(item['image'], 'train_data')
-                geometry.setdefault('panel_shape', pos.panel_hw)
-                if pos.panel_hw != geometry['panel_shape']:
-                    raise ValueError(f"train_data: position-aware banks need panels of one size (aligned panels); got "
-                                     f"{pos.panel_hw} after {geometry['panel_shape']}")
-            else: x, pos = item, None
-            yield self._resize(self._check_channels(x, 'train_data')), pos
-
-    # -- fit --------------------------------------------------------------------------------------------------
-    def fit(self, train_data, batch_size: int | None = None, progress: bool = False,
-            max_minutes: float | None = None, ckpt_dir=None) -> 'PatchCore':
-        """Build the memory bank from normal images, streamed `batch_size` images (default 1; the tiling stage's
-        tile batches as they come) at a time. One image at a time is the default: on the CPU it is also the
-        fastest, and the backbone's working memory grows with the batch (the PatchCore chapter measures both).
-        Only the subsampled patch features are kept, in one preallocated buffer (one per position for
-        position-aware banks), until the greedy coreset has picked the bank rows.
-        The bank has round(coreset_ratio x patches seen) rows (all kept rows if that is more). A fit that fails
-        leaves the detector as it was."""
-        c = self.config
-        t0 = time.perf_counter()
-        old_projection = self.projection
-        try:
-            self._init_projection()
-            banks, stats, geometry = self._build_banks(train_data, batch_size or 1, progress)
-        except BaseException:
-            self.projection = old_projection
-            raise
-        self.bank = self.pos_bank = self.pos_offsets = self._neighbours = None
-        self.panel_shape, self.pos_origins = geometry.get('panel_shape'), geometry.get('origins')
+@patch
+def _units(self: PatchCore, train_data, batch_size: int, geometry: dict):
+    """Yield (images (n, C, h, w) at model resolution, their TilePositions or None): batches of `batch_size`
+    images, or the tile batches of a `TileStream` with their positions (position-aware banks need them; the
+    first panel size seen goes into `geometry`)."""
+    c = self.config
+    for item in train_data if c.position_aware else iter_batches(train_data, batch_size, 'train_data'):
         if c.position_aware:
-            order = sorted(banks)                      # row-major tile order, as geometry['origins']
-            self.pos_bank = torch.cat([banks[p] for p in order])
-            self.pos_offsets = torch.tensor(np.cumsum([0] + [len(banks[p]) for p in order]), dtype=torch.int64)
-        else: self.bank = banks[None]
-        self.fitted = True
-        self.fit_stats = {**stats, 'seconds': round(time.perf_counter() - t0, 3)}
-        return self
+            pos = item.get('positions') if isinstance(item, dict) else None
+            if pos is None:
+                raise ValueError("train_data: position-aware banks need the tile positions: fit through the tiling stage, "
+                                 "Tiled(PatchCore(config), TileConfig(size))")
+            x = check_images(item['image'], 'train_data')
+            geometry.setdefault('panel_shape', pos.panel_hw)
+            if pos.panel_hw != geometry['panel_shape']:
+                raise ValueError(f"train_data: position-aware banks need panels of one size (aligned panels); got "
+                                 f"{pos.panel_hw} after {geometry['panel_shape']}")
+        else: x, pos = item, None
+        yield self._resize(self._check_channels(x, 'train_data')), pos
 
-    def _build_banks(self, train_data, batch_size: int, progress: bool = False) -> tuple[dict, dict, dict]:
-        """Stream the training data into subsampled feature buffers, then take each buffer's coreset:
-        ({position: bank}, stats, geometry). Positions are tile origins (row, col); None is the global bank."""
-        from tqdm.auto import tqdm
-        c = self.config
-        D, dtype = self.feature_dim, getattr(torch, c.bank_dtype)
-        g = torch.Generator().manual_seed(c.seed)
-        n_est = _n_images(train_data) or 1024   # buffer rows are only touched when written: a generous guess is free
-        buffers: dict = {}                 # position (None: the global bank) -> RowBuffer
-        seen: dict = {}                    # position -> training patches seen there (the coreset ratio's base)
-        n_units, geometry = 0, {}
-        for x, pos in tqdm(self._units(train_data, batch_size, geometry), desc='patchcore fit', unit='batch', disable=not progress):
-            with stage('features'): e = self.embed(x)
-            n, h, w, _ = e.shape
-            L = h * w
-            keep = max(1, round(c.subsample * L))
-            rows = e.view(n, L, D)
-            if keep < L:                   # a seeded random subset of each image's (tile's) patches
-                rows = rows.gather(1, torch.rand(n, L, generator=g).argsort(1)[:, :keep, None].expand(-1, -1, D))
-            if c.position_aware:
-                for i, o in enumerate(map(tuple, pos.origins.tolist())):
-                    if o not in buffers: buffers[o] = RowBuffer(max(16, n_est // 64) * keep, D, dtype)
-                    buffers[o].append(rows[i]); seen[o] = seen.get(o, 0) + L
-            else:
-                if None not in buffers: buffers[None] = RowBuffer(n_est * keep, D, dtype)
-                buffers[None].append(rows.reshape(-1, D)); seen[None] = seen.get(None, 0) + n * L
-            n_units += n
-            del e, rows
-        if c.position_aware: geometry['origins'] = np.array(sorted(buffers), dtype=np.int64).reshape(-1, 2)
-        kept = sum(b.n for b in buffers.values())
-        banks = {}
-        for key in list(buffers):
-            feats = buffers[key].rows()
-            m = max(1, round(c.coreset_ratio * seen[key]))
-            if m >= len(feats): banks[key] = feats.clone()
-            else:
-                with stage('coreset'): idx = greedy_coreset(feats, n=m, proj_dim=c.coreset_proj_dim, seed=c.seed)
-                banks[key] = feats[torch.as_tensor(np.asarray(idx), dtype=torch.int64)].clone()
-            del feats; buffers[key] = None     # free each buffer as soon as its coreset is taken
-        itemsize = torch.finfo(dtype).bits // 8
-        stats = {'tiles' if c.position_aware or isinstance(train_data, TileStream) else 'images': n_units, 'patches_seen': int(sum(seen.values())),
-                 'features_kept': int(kept), 'feature_buffer_mb': round(kept * D * itemsize / 2**20, 2),
-                 'bank_rows': int(sum(len(b) for b in banks.values())),
-                 'bank_mb': round(sum(b.numel() for b in banks.values()) * itemsize / 2**20, 2)}
-        return banks, stats, geometry
-
-    # -- scoring ----------------------------------------------------------------------------------------------
-    def _search(self, q: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        "q (Q, D), bank (M, D) -> (Euclidean distances (Q, k) float32, indices (Q, k) int64)."
-        if self.config.search == 'torch': return torch_chunked_knn(q, bank, k, squared=False)
-        sq, idx = knn(q, bank, k=k)
-        return sq.clamp_min(0).sqrt(), idx
-
-    def _score(self, e: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        "e (B, L, D) patch features -> (patch scores (B, L), image scores (B,)) float32 against `bank`."
-        B, L, D = e.shape
-        d, idx = self._search(e.reshape(-1, D), bank, 1)
-        patch, nn_idx = d.view(B, L), idx.view(B, L)
-        if self.config.image_score == 'max' or self.config.num_neighbors == 1 or len(bank) == 1:
-            return patch, patch.amax(1)
-        return patch, reweighted_score(e, patch, nn_idx, bank, self.config.num_neighbors, self._search)
-
-    def _position_bank(self, p: int) -> torch.Tensor:
-        "Bank of tile position p: its own rows and those of its neighbours."
-        off = self.pos_offsets
-        return torch.cat([self.pos_bank[off[q]:off[q + 1]] for q in self._neighbours[p]])
-
-    # -- predict ----------------------------------------------------------------------------------------------
-    def predict(self, images, positions: TilePositions | None = None) -> Prediction:
-        """Score images (B, C, H, W) (or (C, H, W)) float32 in [0, 1] -> Prediction(scores (B,), maps (B, H, W)).
-        Images are resized to image_size if needed; maps are patch distances upsampled (bilinear) to the model
-        resolution, smoothed (blur_sigma) and resized back to (H, W). Position-aware banks: the images are tiles
-        and `positions` says where each was cut (the tiling stage passes it); each is scored against the bank of
-        its position and of its neighbours up to position_radius tiles away."""
-        self._check_fitted()
-        x = self._check_channels(check_images(images), 'images')
-        H, W = x.shape[-2:]
-        xr = self._resize(x)
-        with stage('features'): e = self.embed(xr)
-        B, h, w, D = e.shape
-        e = e.view(B, h * w, D)
-        with stage('search'):
-            if self.config.position_aware:
-                res = [self._score(e[i:i + 1], self._position_bank(p)) for i, p in enumerate(self._position_indices(positions, B))]
-                patch, scores = torch.cat([r[0] for r in res]), torch.cat([r[1] for r in res])
-            else: patch, scores = self._score(e, self.bank)
-        maps = resize_maps(patch.view(B, h, w), tuple(xr.shape[-2:]))
-        maps = gaussian_blur(maps, self.config.blur_sigma)
-        if maps.shape[-2:] != (H, W):
-            maps = resize_maps(maps, (H, W))
-        return Prediction(scores, maps)
-
-    def _position_indices(self, positions: TilePositions | None, n: int) -> list[int]:
-        "Index into pos_origins of each tile's origin; ValueError when the positions do not match the fitted panels."
-        if positions is None:
-            raise ValueError("images: position-aware banks need each tile's position: predict through the tiling stage, "
-                             "Tiled(PatchCore(config), TileConfig(size))")
-        if len(positions) != n: raise ValueError(f"positions has {len(positions)} rows for {n} images")
-        if positions.panel_hw != tuple(self.panel_shape):
-            raise ValueError(f"images: position-aware banks were fitted on {self.panel_shape[0]}x{self.panel_shape[1]} "
-                             f"panels; got {positions.panel_hw[0]}x{positions.panel_hw[1]} (align and crop panels to the training size)")
-        if self._neighbours is None:
-            self._neighbours = _grid_neighbours(self.pos_origins, self.config.position_radius)
-            self._origin_index = {tuple(o): i for i, o in enumerate(self.pos_origins.tolist())}
-        try: return [self._origin_index[tuple(o)] for o in positions.origins.tolist()]
-        except KeyError as e:
-            raise ValueError(f"images: tile origin {e.args[0]} is not one of the tile positions the banks were fitted on "
-                             "(use the same tile size and stride as in fit)") from None
-
-    # -- persistence ------------------------------------------------------------------------------------------
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        "The memory bank(s) and the random projection; the backbone is rebuilt from its name (and weights file)."
-        t = {}
-        if self.bank is not None: t['bank'] = self.bank
-        if self.pos_bank is not None:
-            t.update(pos_bank=self.pos_bank, pos_offsets=self.pos_offsets, pos_origins=torch.as_tensor(self.pos_origins))
-        if self.projection is not None: t['projection'] = self.projection
-        return t
-
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        c = self.config
+# %% ../../nbs/10_patchcore.ipynb #2e35cbf1
+@patch
+def _build_banks(self: PatchCore, train_data, batch_size: int, progress: bool = False) -> tuple[dict, dict, dict]:
+    """Stream the training data into subsampled feature buffers, then take each buffer's coreset:
+    ({position: bank}, stats, geometry). Positions are tile origins (row, col); None is the global bank."""
+    from tqdm.auto import tqdm
+    c = self.config
+    D, dtype = self.feature_dim, getattr(torch, c.bank_dtype)
+    g = torch.Generator().manual_seed(c.seed)
+    n_est = _n_images(train_data) or 1024   # buffer rows are only touched when written: a generous guess is free
+    buffers: dict = {}                 # position (None: the global bank) -> RowBuffer
+    seen: dict = {}                    # position -> training patches seen there (the coreset ratio's base)
+    n_units, geometry = 0, {}
+    for x, pos in tqdm(self._units(train_data, batch_size, geometry), desc='patchcore fit', unit='batch', disable=not progress):
+        with stage('features'): e = self.embed(x)
+        n, h, w, _ = e.shape
+        L = h * w
+        keep = max(1, round(c.subsample * L))
+        rows = e.view(n, L, D)
+        if keep < L:                   # a seeded random subset of each image's (tile's) patches
+            rows = rows.gather(1, torch.rand(n, L, generator=g).argsort(1)[:, :keep, None].expand(-1, -1, D))
         if c.position_aware:
-            self.pos_bank, self.pos_offsets = tensors['pos_bank'], tensors['pos_offsets'].long()
-            self.pos_origins, self._neighbours = tensors['pos_origins'].numpy().astype(np.int64), None
-            if int(self.pos_offsets[-1]) != len(self.pos_bank) or len(self.pos_offsets) != len(self.pos_origins) + 1:
-                raise ValueError("position-aware banks: offsets do not match the bank or the tile origins")
-        else: self.bank = tensors['bank']
-        bank = self.pos_bank if c.position_aware else self.bank
-        if bank.dtype != getattr(torch, c.bank_dtype): raise ValueError(f"bank is {bank.dtype}, config.bank_dtype is {c.bank_dtype}")
-        self.projection = tensors.get('projection')
-        if (self.projection is None) != (c.feature_dim is None or c.projection != 'random'):
-            raise ValueError("the random projection is missing or unexpected for this configuration")
-        if c.feature_dim is not None and bank.shape[1] != c.feature_dim:
-            raise ValueError(f"bank has {bank.shape[1]} columns but config.feature_dim is {c.feature_dim}")
+            for i, o in enumerate(map(tuple, pos.origins.tolist())):
+                if o not in buffers: buffers[o] = RowBuffer(max(16, n_est // 64) * keep, D, dtype)
+                buffers[o].append(rows[i]); seen[o] = seen.get(o, 0) + L
+        else:
+            if None not in buffers: buffers[None] = RowBuffer(n_est * keep, D, dtype)
+            buffers[None].append(rows.reshape(-1, D)); seen[None] = seen.get(None, 0) + n * L
+        n_units += n
+        del e, rows
+    if c.position_aware: geometry['origins'] = np.array(sorted(buffers), dtype=np.int64).reshape(-1, 2)
+    kept = sum(b.n for b in buffers.values())
+    banks = {}
+    for key in list(buffers):
+        feats = buffers[key].rows()
+        m = max(1, round(c.coreset_ratio * seen[key]))
+        if m >= len(feats): banks[key] = feats.clone()
+        else:
+            with stage('coreset'): idx = greedy_coreset(feats, n=m, proj_dim=c.coreset_proj_dim, seed=c.seed)
+            banks[key] = feats[torch.as_tensor(np.asarray(idx), dtype=torch.int64)].clone()
+        del feats; buffers[key] = None     # free each buffer as soon as its coreset is taken
+    itemsize = torch.finfo(dtype).bits // 8
+    stats = {'tiles' if c.position_aware or isinstance(train_data, TileStream) else 'images': n_units, 'patches_seen': int(sum(seen.values())),
+             'features_kept': int(kept), 'feature_buffer_mb': round(kept * D * itemsize / 2**20, 2),
+             'bank_rows': int(sum(len(b) for b in banks.values())),
+             'bank_mb': round(sum(b.numel() for b in banks.values()) * itemsize / 2**20, 2)}
+    return banks, stats, geometry
 
-    def extra_state(self) -> dict:
-        "Panel size of tiled fits, the weights file's sha256 (None for the shipped weights), fit statistics."
-        return {'panel_shape': list(self.panel_shape) if self.panel_shape else None,
-                'weights_sha256': self.weights_sha256, 'fit_stats': self.fit_stats}
+# %% ../../nbs/10_patchcore.ipynb #e1bd01e5
+@patch
+def fit(self: PatchCore, train_data, batch_size: int | None = None, progress: bool = False,
+        max_minutes: float | None = None, ckpt_dir=None) -> 'PatchCore':
+    """Build the memory bank from normal images, streamed `batch_size` images (default 1; the tiling stage's
+    tile batches as they come) at a time. One image at a time is the default: on the CPU it is also the
+    fastest, and the backbone's working memory grows with the batch (`nbs/experiments/patchcore_magnetic_tile.ipynb` measures both).
+    Only the subsampled patch features are kept, in one preallocated buffer (one per position for
+    position-aware banks), until the greedy coreset has picked the bank rows.
+    The bank has round(coreset_ratio x patches seen) rows (all kept rows if that is more). A fit that fails
+    leaves the detector as it was."""
+    c = self.config
+    t0 = time.perf_counter()
+    old_projection = self.projection
+    try:
+        self._init_projection()
+        banks, stats, geometry = self._build_banks(train_data, batch_size or 1, progress)
+    except BaseException:
+        self.projection = old_projection
+        raise
+    self.bank = self.pos_bank = self.pos_offsets = self._neighbours = None
+    self.panel_shape, self.pos_origins = geometry.get('panel_shape'), geometry.get('origins')
+    if c.position_aware:
+        order = sorted(banks)                      # row-major tile order, as geometry['origins']
+        self.pos_bank = torch.cat([banks[p] for p in order])
+        self.pos_offsets = torch.tensor(np.cumsum([0] + [len(banks[p]) for p in order]), dtype=torch.int64)
+    else: self.bank = banks[None]
+    self.fitted = True
+    self.fit_stats = {**stats, 'seconds': round(time.perf_counter() - t0, 3)}
+    return self
 
-    def load_extra_state(self, state: dict) -> None:
-        self.panel_shape = tuple(state['panel_shape']) if state.get('panel_shape') else None
-        self.weights_sha256 = state.get('weights_sha256')
-        self.fit_stats = state.get('fit_stats', {})
+# %% ../../nbs/10_patchcore.ipynb #ff22c826
+@patch
+def _search(self: PatchCore, q: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    "q (Q, D), bank (M, D) -> (Euclidean distances (Q, k) float32, indices (Q, k) int64)."
+    if self.config.search == 'torch': return torch_chunked_knn(q, bank, k, squared=False)
+    sq, idx = knn(q, bank, k=k)
+    return sq.clamp_min(0).sqrt(), idx
+
+@patch
+def _score(self: PatchCore, e: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    "e (B, L, D) patch features -> (patch scores (B, L), image scores (B,)) float32 against `bank`."
+    B, L, D = e.shape
+    d, idx = self._search(e.reshape(-1, D), bank, 1)
+    patch, nn_idx = d.view(B, L), idx.view(B, L)
+    if self.config.image_score == 'max' or self.config.num_neighbors == 1 or len(bank) == 1:
+        return patch, patch.amax(1)
+    return patch, reweighted_score(e, patch, nn_idx, bank, self.config.num_neighbors, self._search)
+
+@patch
+def _position_bank(self: PatchCore, p: int) -> torch.Tensor:
+    "Bank of tile position p: its own rows and those of its neighbours."
+    off = self.pos_offsets
+    return torch.cat([self.pos_bank[off[q]:off[q + 1]] for q in self._neighbours[p]])
+
+# %% ../../nbs/10_patchcore.ipynb #bbb32375
+@patch
+def predict(self: PatchCore, images, positions: TilePositions | None = None) -> Prediction:
+    """Score images (B, C, H, W) (or (C, H, W)) float32 in [0, 1] -> Prediction(scores (B,), maps (B, H, W)).
+    Images are resized to image_size if needed; maps are patch distances upsampled (bilinear) to the model
+    resolution, smoothed (blur_sigma) and resized back to (H, W). Position-aware banks: the images are tiles
+    and `positions` says where each was cut (the tiling stage passes it); each is scored against the bank of
+    its position and of its neighbours up to position_radius tiles away."""
+    self._check_fitted()
+    x = self._check_channels(check_images(images), 'images')
+    H, W = x.shape[-2:]
+    xr = self._resize(x)
+    with stage('features'): e = self.embed(xr)
+    B, h, w, D = e.shape
+    e = e.view(B, h * w, D)
+    with stage('search'):
+        if self.config.position_aware:
+            res = [self._score(e[i:i + 1], self._position_bank(p)) for i, p in enumerate(self._position_indices(positions, B))]
+            patch, scores = torch.cat([r[0] for r in res]), torch.cat([r[1] for r in res])
+        else: patch, scores = self._score(e, self.bank)
+    maps = resize_maps(patch.view(B, h, w), tuple(xr.shape[-2:]))
+    maps = gaussian_blur(maps, self.config.blur_sigma)
+    if maps.shape[-2:] != (H, W):
+        maps = resize_maps(maps, (H, W))
+    return Prediction(scores, maps)
+
+@patch
+def _position_indices(self: PatchCore, positions: TilePositions | None, n: int) -> list[int]:
+    "Index into pos_origins of each tile's origin; ValueError when the positions do not match the fitted panels."
+    if positions is None:
+        raise ValueError("images: position-aware banks need each tile's position: predict through the tiling stage, "
+                         "Tiled(PatchCore(config), TileConfig(size))")
+    if len(positions) != n: raise ValueError(f"positions has {len(positions)} rows for {n} images")
+    if positions.panel_hw != tuple(self.panel_shape):
+        raise ValueError(f"images: position-aware banks were fitted on {self.panel_shape[0]}x{self.panel_shape[1]} "
+                         f"panels; got {positions.panel_hw[0]}x{positions.panel_hw[1]} (align and crop panels to the training size)")
+    if self._neighbours is None:
+        self._neighbours = _grid_neighbours(self.pos_origins, self.config.position_radius)
+        self._origin_index = {tuple(o): i for i, o in enumerate(self.pos_origins.tolist())}
+    try: return [self._origin_index[tuple(o)] for o in positions.origins.tolist()]
+    except KeyError as e:
+        raise ValueError(f"images: tile origin {e.args[0]} is not one of the tile positions the banks were fitted on "
+                         "(use the same tile size and stride as in fit)") from None
+
+# %% ../../nbs/10_patchcore.ipynb #f8c82ce8
+@patch
+def state_tensors(self: PatchCore) -> dict[str, torch.Tensor]:
+    "The memory bank(s) and the random projection; the backbone is rebuilt from its name (and weights file)."
+    t = {}
+    if self.bank is not None: t['bank'] = self.bank
+    if self.pos_bank is not None:
+        t.update(pos_bank=self.pos_bank, pos_offsets=self.pos_offsets, pos_origins=torch.as_tensor(self.pos_origins))
+    if self.projection is not None: t['projection'] = self.projection
+    return t
+
+@patch
+def load_state_tensors(self: PatchCore, tensors: dict[str, torch.Tensor]) -> None:
+    c = self.config
+    if c.position_aware:
+        self.pos_bank, self.pos_offsets = tensors['pos_bank'], tensors['pos_offsets'].long()
+        self.pos_origins, self._neighbours = tensors['pos_origins'].numpy().astype(np.int64), None
+        if int(self.pos_offsets[-1]) != len(self.pos_bank) or len(self.pos_offsets) != len(self.pos_origins) + 1:
+            raise ValueError("position-aware banks: offsets do not match the bank or the tile origins")
+    else: self.bank = tensors['bank']
+    bank = self.pos_bank if c.position_aware else self.bank
+    if bank.dtype != getattr(torch, c.bank_dtype): raise ValueError(f"bank is {bank.dtype}, config.bank_dtype is {c.bank_dtype}")
+    self.projection = tensors.get('projection')
+    if (self.projection is None) != (c.feature_dim is None or c.projection != 'random'):
+        raise ValueError("the random projection is missing or unexpected for this configuration")
+    if c.feature_dim is not None and bank.shape[1] != c.feature_dim:
+        raise ValueError(f"bank has {bank.shape[1]} columns but config.feature_dim is {c.feature_dim}")
+
+@patch
+def extra_state(self: PatchCore) -> dict:
+    "Panel size of tiled fits, the weights file's sha256 (None for the shipped weights), fit statistics."
+    return {'panel_shape': list(self.panel_shape) if self.panel_shape else None,
+            'weights_sha256': self.weights_sha256, 'fit_stats': self.fit_stats}
+
+@patch
+def load_extra_state(self: PatchCore, state: dict) -> None:
+    self.panel_shape = tuple(state['panel_shape']) if state.get('panel_shape') else None
+    self.weights_sha256 = state.get('weights_sha256')
+    self.fit_stats = state.get('fit_stats', {})
 
 # %% ../../nbs/10_patchcore.ipynb #156445ed
 def texture_images(n: int, size: int = 256, seed: int = 0, defect: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
