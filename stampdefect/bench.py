@@ -10,7 +10,8 @@ import ctypes, gc, importlib, json, os, statistics, sys, threading, time
 from typing import Callable
 
 # %% auto #0
-__all__ = ['BENCHES', 'BENCH_MODULES', 'release_free_memory', 'PeakRSS', 'measure', 'report', 'register_bench', 'run_bench']
+__all__ = ['BENCHES', 'BENCH_MODULES', 'release_free_memory', 'PeakRSS', 'measure', 'report', 'set_threads', 'interleaved',
+           'timing_extras', 'agreement', 'register_bench', 'run_bench']
 
 # %% ../nbs/07_bench.ipynb #f19fc926
 def _rss_bytes() -> int:
@@ -69,6 +70,66 @@ def report(case: str, sizes: dict, ours: dict, baselines: dict | None = None, **
         out[f'speedup_vs_{name}'] = round(b['seconds'] / ours['seconds'], 3)
     out.update(extra)
     return out
+
+# %% ../nbs/07_bench.ipynb #9c107cac
+def set_threads(n: int) -> dict:
+    """Use `n` threads in Numba, torch, faiss's OpenMP and the BLAS libraries (threadpoolctl), each where installed.
+    Numba is capped at the pool it started with (`NUMBA_NUM_THREADS`). Returns what was set, e.g.
+    {'numba': 2, 'torch': 2, 'faiss': 2, 'blas': 2}, for the report. The setting stays for the rest of the process."""
+    if n < 1: raise ValueError(f"set_threads: n must be >= 1, got {n}")
+    out = {}
+    try:
+        import numba; numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS)); out['numba'] = numba.get_num_threads()
+    except ImportError: pass
+    try:
+        import torch; torch.set_num_threads(n); out['torch'] = torch.get_num_threads()
+    except ImportError: pass
+    try:
+        import faiss; faiss.omp_set_num_threads(n); out['faiss'] = n
+    except ImportError: pass
+    try:
+        import threadpoolctl; threadpoolctl.threadpool_limits(n, user_api='blas'); out['blas'] = n
+    except ImportError: pass
+    return out
+
+# %% ../nbs/07_bench.ipynb #819a5fd0
+def interleaved(fns: dict[str, Callable], rounds: int = 3) -> tuple[dict, dict]:
+    """Time each `fns[name]()` once per round, the methods interleaved, for `rounds` rounds. Returns
+    ({name: {'seconds': median wall s, 'all_seconds': each round's wall s, 'cpu_seconds': median process CPU s
+    (all threads; less sensitive to other jobs than wall time), 'peak_extra_mb': worst round's peak extra RSS}},
+    {name: its last output}). The timing dicts can go straight into `report`."""
+    if rounds < 1: raise ValueError(f"interleaved: rounds must be >= 1, got {rounds}")
+    res, cpu, outs = {name: [] for name in fns}, {name: [] for name in fns}, {}
+    def run(name, fn):
+        c0 = time.process_time(); outs[name] = fn(); cpu[name].append(time.process_time() - c0)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            outs.pop(name, None)
+            release_free_memory()
+            res[name].append(measure(run, name, fn, repeats=1, warmup=0))
+    return ({name: {'seconds': float(statistics.median([r['seconds'] for r in rs])), 'all_seconds': [r['seconds'] for r in rs],
+                    'cpu_seconds': float(statistics.median(cpu[name])), 'peak_extra_mb': max(r['peak_extra_mb'] for r in rs)}
+             for name, rs in res.items()}, outs)
+
+def timing_extras(t: dict) -> dict:
+    "Each method's wall seconds per round and its median CPU seconds (from `interleaved`), rounded, for the report."
+    return {'all_seconds': {k: [round(x, 3) for x in v['all_seconds']] for k, v in t.items()},
+            'cpu_seconds': {k: round(v['cpu_seconds'], 3) for k, v in t.items()}}
+
+# %% ../nbs/07_bench.ipynb #4ac9cff0
+def agreement(ours: tuple, theirs: tuple, name: str, what: str = 'knn', max_rel_gap: float = 1e-4,
+              min_same: float = 0.999) -> dict:
+    """Compare two `(distances, indices)` results, arrays of the same shape (e.g. (Q, k)): the fraction of equal
+    indices and the largest distance gap relative to `theirs`' mean distance. Raises AssertionError naming `what` and
+    the baseline `name` when fewer than `min_same` indices agree or the gap exceeds `max_rel_gap`; else returns
+    {'agree_idx_<name>': ..., 'max_rel_dist_gap_<name>': ...} for the report."""
+    import numpy as np
+    (d0, i0), (d1, i1) = ours, theirs
+    same = float(np.mean(np.asarray(i0) == np.asarray(i1)))
+    rel = float(np.abs(np.asarray(d0) - np.asarray(d1)).max() / max(float(np.mean(d1)), 1e-30))
+    if rel > max_rel_gap or same < min_same:
+        raise AssertionError(f"{what} disagrees with {name}: index agreement {same:.5f}, max relative distance gap {rel:.2e}")
+    return {f'agree_idx_{name}': round(same, 6), f'max_rel_dist_gap_{name}': float(f'{rel:.3g}')}
 
 # %% ../nbs/07_bench.ipynb #99e77c44
 BENCHES: dict[str, Callable] = {}

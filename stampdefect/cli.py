@@ -37,7 +37,7 @@ def _train_images(root: Path, size, channels: int) -> list[tuple[str, torch.Tens
 def _resize(img: torch.Tensor, size) -> torch.Tensor:
     return img if size is None else resize_images(img, size)
 
-# %% ../nbs/21_cli.ipynb #9b5fc8c5
+# %% ../nbs/21_cli.ipynb #794c07b0
 def _parse_config(args) -> dict:
     cfg = {}
     if getattr(args, 'config', None):
@@ -77,20 +77,20 @@ def _tiling(tile: int | None, stride: int | None):
         raise ValueError(f"--tile must be >= 1 and --stride between 1 and --tile, got --tile {tile} --stride {stride}")
     return TileConfig(size=tile, stride=stride)
 
-def _sam_arg(spec):
-    "The SAM checkpoint of an --align value (None for 'classical' or no alignment)."
-    if spec in (None, 'classical', 'none'): return None
-    p = Path(spec)
-    if not p.is_file(): raise FileNotFoundError(f"--align {spec}: expected 'classical' or the path of a SAM checkpoint file, and the file does not exist")
-    return p
+def _training_options(det: Detector, args) -> dict:
+    "max_minutes / ckpt_dir of --max-minutes / --resume, checked before any work (only trained methods take them)."
+    minutes, ckpt = getattr(args, 'max_minutes', None), getattr(args, 'resume', None)
+    if minutes is None and ckpt is None: return {}
+    flag = '--max-minutes' if minutes is not None else '--resume'
+    if not det.capabilities.trained:
+        raise ValueError(f"{flag}: method {det.name!r} trains no network (its fit is one pass over the images), so it has "
+                         f"no time budget or checkpoints; drop {flag}")
+    if minutes is not None and not minutes > 0: raise ValueError(f"--max-minutes must be > 0, got {minutes}")
+    out = {} if minutes is None else {'max_minutes': float(minutes)}
+    if ckpt is not None: out['ckpt_dir'] = str(_check_writable_dir(Path(ckpt), '--resume folder'))
+    return out
 
-def _make_aligner(spec: str, steps: int):
-    "A new Aligner for --align SPEC: classical masks, or SAM masks from the checkpoint at SPEC."
-    from stampdefect.alignment import Aligner, AlignerConfig, STNConfig, load_sam
-    sam = _sam_arg(spec)
-    cfg = AlignerConfig(mask_method='sam' if sam else 'classical', stn=STNConfig(steps=steps))
-    return Aligner(cfg, sam=load_sam(sam) if sam else None)
-
+# %% ../nbs/21_cli.ipynb #9f247b5a
 def _check_writable_dir(d: Path, what: str) -> Path:
     "Create folder `d` if needed; fail now, naming it, if it cannot be created or written."
     try: d.mkdir(parents=True, exist_ok=True)
@@ -110,6 +110,22 @@ def _check_writable_file(path: Path, what: str) -> Path:
     except OSError as e: raise PermissionError(f"{what} {path} cannot be written: {e.strerror or e}") from None
     return path
 
+def _sam_arg(spec):
+    "The SAM checkpoint of an --align value (None for 'classical' or no alignment)."
+    if spec in (None, 'classical', 'none'): return None
+    p = Path(spec)
+    if not p.is_file(): raise FileNotFoundError(f"--align {spec}: expected 'classical' or the path of a SAM checkpoint file, and the file does not exist")
+    return p
+
+def _make_aligner(spec: str, steps: int):
+    "A new Aligner for --align SPEC: classical masks, or SAM masks from the checkpoint at SPEC."
+    from stampdefect.alignment import Aligner, AlignerConfig
+    from stampdefect.sam import load_sam
+    from stampdefect.stn import STNConfig
+    sam = _sam_arg(spec)
+    cfg = AlignerConfig(mask_method='sam' if sam else 'classical', stn=STNConfig(steps=steps))
+    return Aligner(cfg, sam=load_sam(sam) if sam else None)
+
 def _fit_aligner(aligner, named: list, quiet: bool = True) -> list[torch.Tensor]:
     "Fit `aligner` on the photos of `named` [(file, image)], align them; errors name the file. Returns the aligned panels."
     from tqdm.auto import tqdm
@@ -124,24 +140,6 @@ def _fit_aligner(aligner, named: list, quiet: bool = True) -> list[torch.Tensor]
         if not r.ok: raise ValueError(f"{n}: training photo could not be aligned ({r.reason}); remove it or fix the photo")
         out.append(r.image)
     return out
-
-def _training_options(det: Detector, args) -> dict:
-    "max_minutes / ckpt_dir of --max-minutes / --resume, checked before any work (only trained methods take them)."
-    minutes, ckpt = getattr(args, 'max_minutes', None), getattr(args, 'resume', None)
-    if minutes is None and ckpt is None: return {}
-    flag = '--max-minutes' if minutes is not None else '--resume'
-    if not det.capabilities.trained:
-        raise ValueError(f"{flag}: method {det.name!r} trains no network (its fit is one pass over the images), so it has "
-                         f"no time budget or checkpoints; drop {flag}")
-    if minutes is not None and not minutes > 0: raise ValueError(f"--max-minutes must be > 0, got {minutes}")
-    out = {} if minutes is None else {'max_minutes': float(minutes)}
-    if ckpt is not None: out['ckpt_dir'] = str(_check_writable_dir(Path(ckpt), '--resume folder'))
-    return out
-
-def _pixel_threshold(det: Detector, info: dict) -> float | None:
-    """The threshold of the map for crack regions: the model's own (`Detector.calibrate` stores it in the model
-    file); model files written before that kept it in the pipeline metadata."""
-    return det.pixel_threshold if det.pixel_threshold is not None else info.get('pixel_threshold')
 
 # %% ../nbs/21_cli.ipynb #7081eb99
 def cmd_fit(args) -> int:
@@ -187,6 +185,38 @@ def cmd_fit(args) -> int:
         print(f"note: with {n_cal} held-out image(s) the {args.quantile:g} quantile is their largest score, so a single unusual "
               f"normal image sets both thresholds; consider {hint}a larger --calib-fraction", file=sys.stderr)
     return 0
+
+# %% ../nbs/21_cli.ipynb #961a0bcc
+def _fit_parser(sub, methods: str) -> argparse.ArgumentParser:
+    "`stampdefect fit`'s options."
+    f = sub.add_parser('fit', help='learn a model from normal images',
+                       description=f'Fit a method on normal images and save it (with a threshold set on held-out normal images). Methods: {methods}.')
+    f.add_argument('--method', default='patchcore', help=f'detection method, one of: {methods} (default: patchcore)')
+    f.add_argument('--data', required=True, help='MVTec-layout folder (uses train/good) or a folder of normal images')
+    f.add_argument('--out', required=True, help='model file to write (.sdm); checked to be writable before training starts')
+    f.add_argument('--config', help='JSON file with config options of the method')
+    f.add_argument('--set', action='append', metavar='KEY=VALUE', help='override one config option (repeatable)')
+    f.add_argument('--size', type=int, default=None, help="resize images to SIZE x SIZE (default: the method's image_size)")
+    f.add_argument('--channels', type=int, default=3, choices=(1, 3), help='read images as 1 (grey) or 3 (RGB) channels (default 3)')
+    f.add_argument('--calib-fraction', type=float, default=0.2, help='fraction of normal images held out to set the threshold (default 0.2)')
+    f.add_argument('--quantile', type=float, default=None,
+                   help="set both thresholds to this quantile of the held-out normal scores and map maxima (the old rule); default: "
+                        "the robust rule of Detector.calibrate (median + z x upper spread, a 5%% false-alarm target), which one unusual "
+                        "normal image cannot move")
+    f.add_argument('--batch-size', type=int, default=None, help="images per feature pass (default: the method's; PatchCore: 1)")
+    f.add_argument('--seed', type=int, default=0, help='seed of the held-out split (default 0)')
+    f.add_argument('--max-minutes', type=float, default=None, metavar='N',
+                   help='trained methods only: stop training after N minutes, keeping the last good checkpoint')
+    f.add_argument('--resume', default=None, metavar='CKPT_DIR',
+                   help='trained methods only: folder of training checkpoints; training resumes from them and writes new ones there (created if missing)')
+    f.add_argument('--align', metavar='classical|SAM_CHECKPOINT', default=None,
+                   help="align raw panel photos to a template first: 'classical' masks, or the path of a Segment Anything checkpoint")
+    f.add_argument('--align-steps', type=int, default=300, help='STN training steps of the aligner (default 300; the refinement step corrects a short training)')
+    f.add_argument('--tile', type=int, default=None, metavar='SIZE', help='tiled mode at full resolution: tile side in pixels (methods with a tile_size option)')
+    f.add_argument('--stride', type=int, default=None, metavar='S', help='step between tiles (default: SIZE, no overlap)')
+    f.add_argument('--quiet', action='store_true', help='no progress bars or stage messages')
+    f.set_defaults(func=cmd_fit)
+    return f
 
 # %% ../nbs/21_cli.ipynb #a84fe03e
 def _collect_inputs(paths: list[str]) -> list[Path]:
@@ -237,7 +267,7 @@ def cmd_inspect(args) -> int:
     out = _check_writable_dir(Path(args.out), '--out folder')
     if not isinstance(args.min_area, int) or args.min_area < 1: raise ValueError(f"--min-area must be >= 1, got {args.min_area}")
     size, channels = det.capabilities.input_size, det.capabilities.channels
-    pthr = _pixel_threshold(det, info)
+    pthr = det.pixel_threshold
     train_hw = tuple(info['train_hw']) if info.get('train_hw') else None
     debug = getattr(args, 'debug', False)
     rows, other_size, complete = [], [], False
@@ -275,6 +305,28 @@ def cmd_inspect(args) -> int:
                          f"(results.csv gives the reason of each)")
     return code
 
+# %% ../nbs/21_cli.ipynb #c16c199e
+_INSPECT_EXIT = ('exit codes: ' + '; '.join(f'{k} = {v}' for k, v in EXIT_CODES.items()) +
+                 '. A photo that cannot be read or inspected is a row with status "error" and the reason; the run goes on '
+                 'and results.csv / results.json are always written.')
+
+def _inspect_parser(sub) -> argparse.ArgumentParser:
+    "`stampdefect inspect`'s options."
+    i = sub.add_parser('inspect', help='score new images with a saved model', epilog=_INSPECT_EXIT,
+                       description='Score images, decide against the stored threshold, write heatmap overlays (overlays/, '
+                                   'keeping each photo\'s path under the folder the inputs share) and results.csv/results.json.')
+    i.add_argument('model', help='model file written by fit')
+    i.add_argument('inputs', nargs='+', help='image files or folders')
+    i.add_argument('--out', required=True, help='results folder')
+    i.add_argument('--quiet', action='store_true', help='no progress bar')
+    i.add_argument('--align', metavar='classical|SAM_CHECKPOINT', default=None,
+                   help='models fitted with --align are aligned automatically; give the SAM checkpoint here if they used SAM masks')
+    i.add_argument('--on-align-failure', choices=ON_ALIGN_FAILURE, default='report',
+                   help="'report' (default): a photo that cannot be aligned is reported 'not aligned', not inspected; 'inspect_unaligned': inspect it as it is")
+    i.add_argument('--min-area', type=int, default=1, help='smallest crack region reported, in photo pixels')
+    i.set_defaults(func=cmd_inspect)
+    return i
+
 # %% ../nbs/21_cli.ipynb #d495a053
 def cmd_evaluate(args) -> int:
     "Print the metrics table of a saved model (aligned first if it was fitted with --align) on a labelled MVTec-layout folder."
@@ -282,7 +334,7 @@ def cmd_evaluate(args) -> int:
     root = Path(args.data)
     if not (root / 'test').is_dir(): raise FileNotFoundError(f"--data {root}: no test/ folder (expected the MVTec layout: test/good, test/<defect>, ground_truth/<defect>)")
     results = _check_writable_file(Path(args.out), '--out') if getattr(args, 'out', None) else None
-    pthr = _pixel_threshold(det, info)
+    pthr = det.pixel_threshold
     res = evaluate_detector(det, root, args.batch_size, progress=not (args.json or args.quiet), binarize_masks=args.binarize_masks,
                             aligner=aligner, pixel_threshold=pthr, binarize_hint='--binarize-masks')
     if results: write_results_json({**res, 'model': str(args.model), 'data': str(root), 'threshold': det.threshold, 'pixel_threshold': pthr}, results)
@@ -299,6 +351,37 @@ def cmd_bench(args) -> int:
     from stampdefect.bench import run_bench
     run_bench(args.name, quick=args.quick, as_json=args.json, method=getattr(args, 'method', None))
     return 0
+
+# %% ../nbs/21_cli.ipynb #e97c25d8
+def _evaluate_parser(sub) -> argparse.ArgumentParser:
+    "`stampdefect evaluate`'s options."
+    e = sub.add_parser('evaluate', help='metrics of a saved model on a labelled set',
+                       description='Image AUROC, AUPR, F1-max, pixel AUROC, PRO-AUC, IoU at the stored threshold, images/s and peak memory on an MVTec-layout test split. Every ground-truth mask is checked before scoring starts.')
+    e.add_argument('model', help='model file written by fit')
+    e.add_argument('--data', required=True, help='MVTec-layout folder with test/ and ground_truth/')
+    e.add_argument('--json', action='store_true', help='one JSON object instead of a table')
+    e.add_argument('--out', default=None, metavar='FILE', help='also write the results (all metrics, per defect type) to FILE as JSON')
+    e.add_argument('--batch-size', type=int, default=8, help='images per predict call (default 8; models fitted with --align inspect photo by photo)')
+    e.add_argument('--quiet', action='store_true', help='no progress bar')
+    e.add_argument('--binarize-masks', action='store_true', help='threshold anti-aliased ground-truth masks at 128 instead of refusing them')
+    e.add_argument('--align', metavar='classical|SAM_CHECKPOINT', default=None,
+                   help='models fitted with --align are aligned automatically; give the SAM checkpoint here if they used SAM masks')
+    e.set_defaults(func=cmd_evaluate)
+    return e
+
+def _bench_names() -> list[str]:
+    from stampdefect.bench import BENCHES, BENCH_MODULES
+    return sorted(set(BENCH_MODULES) | set(BENCHES))
+
+def _bench_parser(sub, methods: str) -> argparse.ArgumentParser:
+    "`stampdefect bench`'s options."
+    b = sub.add_parser('bench', help='time our kernels against their baselines', description='Runs our kernel and its baselines on the same data in one run; one JSON object per case with --json.')
+    b.add_argument('name', help=f"benchmark: {', '.join(_bench_names())}")
+    b.add_argument('--json', action='store_true', help='one JSON object per case instead of a line')
+    b.add_argument('--quick', action='store_true', help='small sizes (seconds)')
+    b.add_argument('--method', default=None, help=f"panel: the method behind the tiling stage (default patchcore; one of {methods})")
+    b.set_defaults(func=cmd_bench)
+    return b
 
 # %% ../nbs/21_cli.ipynb #4651a031
 def _sample_root(arg) -> Path:
@@ -361,7 +444,7 @@ def cmd_demo(args) -> int:
         items.append({'name': Path(it['path']).name, 'score': rep.score, 'defect': rep.defect, 'truth': it['defect_type'],
                       'overlay_path': str(path), 'regions': len(rep.regions), 'status': rep.decision})
     t0 = time.perf_counter()
-    res = evaluate_detector(det, root, progress=not args.quiet, aligner=aligner, pixel_threshold=_pixel_threshold(det, info), on_report=keep)
+    res = evaluate_detector(det, root, progress=not args.quiet, aligner=aligner, pixel_threshold=det.pixel_threshold, on_report=keep)
     inspect_s = time.perf_counter() - t0
     res['threshold'] = det.threshold
     title = (f"stampdefect demo: {args.method}{f' (tiles {tile}, stride {stride})' if tile else ''}"
@@ -373,77 +456,9 @@ def cmd_demo(args) -> int:
           f"demo finished in {time.perf_counter() - t_start:.0f} s")
     return 0
 
-# %% ../nbs/21_cli.ipynb #d7ad2ec9
-_INSPECT_EXIT = ('exit codes: ' + '; '.join(f'{k} = {v}' for k, v in EXIT_CODES.items()) +
-                 '. A photo that cannot be read or inspected is a row with status "error" and the reason; the run goes on '
-                 'and results.csv / results.json are always written.')
-
-def _bench_names() -> list[str]:
-    from stampdefect.bench import BENCHES, BENCH_MODULES
-    return sorted(set(BENCH_MODULES) | set(BENCHES))
-
-def build_parser() -> argparse.ArgumentParser:
-    methods = ', '.join(_methods())
-    p = argparse.ArgumentParser(prog='stampdefect', description='Unsupervised crack and defect detection for stamped metal panels.')
-    p.add_argument('--version', action='version', version=f'stampdefect {__version__}', help='print the version and exit')
-    p.add_argument('--debug', action='store_true', help='show tracebacks instead of one-line errors')
-    sub = p.add_subparsers(dest='command', required=True, metavar='COMMAND')
-
-    f = sub.add_parser('fit', help='learn a model from normal images',
-                       description=f'Fit a method on normal images and save it (with a threshold set on held-out normal images). Methods: {methods}.')
-    f.add_argument('--method', default='patchcore', help=f'detection method, one of: {methods} (default: patchcore)')
-    f.add_argument('--data', required=True, help='MVTec-layout folder (uses train/good) or a folder of normal images')
-    f.add_argument('--out', required=True, help='model file to write (.sdm); checked to be writable before training starts')
-    f.add_argument('--config', help='JSON file with config options of the method')
-    f.add_argument('--set', action='append', metavar='KEY=VALUE', help='override one config option (repeatable)')
-    f.add_argument('--size', type=int, default=None, help="resize images to SIZE x SIZE (default: the method's image_size)")
-    f.add_argument('--channels', type=int, default=3, choices=(1, 3), help='read images as 1 (grey) or 3 (RGB) channels (default 3)')
-    f.add_argument('--calib-fraction', type=float, default=0.2, help='fraction of normal images held out to set the threshold (default 0.2)')
-    f.add_argument('--quantile', type=float, default=None,
-                   help="set both thresholds to this quantile of the held-out normal scores and map maxima (the old rule); default: "
-                        "the robust rule of Detector.calibrate (median + z x upper spread, a 5%% false-alarm target), which one unusual "
-                        "normal image cannot move")
-    f.add_argument('--batch-size', type=int, default=None, help="images per feature pass (default: the method's; PatchCore: 1)")
-    f.add_argument('--seed', type=int, default=0, help='seed of the held-out split (default 0)')
-    f.add_argument('--max-minutes', type=float, default=None, metavar='N',
-                   help='trained methods only: stop training after N minutes, keeping the last good checkpoint')
-    f.add_argument('--resume', default=None, metavar='CKPT_DIR',
-                   help='trained methods only: folder of training checkpoints; training resumes from them and writes new ones there (created if missing)')
-    f.add_argument('--align', metavar='classical|SAM_CHECKPOINT', default=None,
-                   help="align raw panel photos to a template first: 'classical' masks, or the path of a Segment Anything checkpoint")
-    f.add_argument('--align-steps', type=int, default=300, help='STN training steps of the aligner (default 300; the refinement step corrects a short training)')
-    f.add_argument('--tile', type=int, default=None, metavar='SIZE', help='tiled mode at full resolution: tile side in pixels (methods with a tile_size option)')
-    f.add_argument('--stride', type=int, default=None, metavar='S', help='step between tiles (default: SIZE, no overlap)')
-    f.add_argument('--quiet', action='store_true', help='no progress bars or stage messages')
-    f.set_defaults(func=cmd_fit)
-
-    i = sub.add_parser('inspect', help='score new images with a saved model', epilog=_INSPECT_EXIT,
-                       description='Score images, decide against the stored threshold, write heatmap overlays (overlays/, '
-                                   'keeping each photo\'s path under the folder the inputs share) and results.csv/results.json.')
-    i.add_argument('model', help='model file written by fit')
-    i.add_argument('inputs', nargs='+', help='image files or folders')
-    i.add_argument('--out', required=True, help='results folder')
-    i.add_argument('--quiet', action='store_true', help='no progress bar')
-    i.add_argument('--align', metavar='classical|SAM_CHECKPOINT', default=None,
-                   help='models fitted with --align are aligned automatically; give the SAM checkpoint here if they used SAM masks')
-    i.add_argument('--on-align-failure', choices=ON_ALIGN_FAILURE, default='report',
-                   help="'report' (default): a photo that cannot be aligned is reported 'not aligned', not inspected; 'inspect_unaligned': inspect it as it is")
-    i.add_argument('--min-area', type=int, default=1, help='smallest crack region reported, in photo pixels')
-    i.set_defaults(func=cmd_inspect)
-
-    e = sub.add_parser('evaluate', help='metrics of a saved model on a labelled set',
-                       description='Image AUROC, AUPR, F1-max, pixel AUROC, PRO-AUC, IoU at the stored threshold, images/s and peak memory on an MVTec-layout test split. Every ground-truth mask is checked before scoring starts.')
-    e.add_argument('model', help='model file written by fit')
-    e.add_argument('--data', required=True, help='MVTec-layout folder with test/ and ground_truth/')
-    e.add_argument('--json', action='store_true', help='one JSON object instead of a table')
-    e.add_argument('--out', default=None, metavar='FILE', help='also write the results (all metrics, per defect type) to FILE as JSON')
-    e.add_argument('--batch-size', type=int, default=8, help='images per predict call (default 8; models fitted with --align inspect photo by photo)')
-    e.add_argument('--quiet', action='store_true', help='no progress bar')
-    e.add_argument('--binarize-masks', action='store_true', help='threshold anti-aliased ground-truth masks at 128 instead of refusing them')
-    e.add_argument('--align', metavar='classical|SAM_CHECKPOINT', default=None,
-                   help='models fitted with --align are aligned automatically; give the SAM checkpoint here if they used SAM masks')
-    e.set_defaults(func=cmd_evaluate)
-
+# %% ../nbs/21_cli.ipynb #0f3c71af
+def _demo_parser(sub, methods: str) -> argparse.ArgumentParser:
+    "`stampdefect demo`'s options."
     d = sub.add_parser('demo', help='fit + inspect + report on the bundled sample panels', description='Runs the whole path on data_samples/ with nothing to download.')
     d.add_argument('--method', default='patchcore', help=f'detection method, one of: {methods} (default: patchcore)')
     d.add_argument('--data', default=None, help='sample folder (default: data_samples/)')
@@ -456,13 +471,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument('--stride', type=int, default=None, metavar='S', help='step between tiles (default SIZE / 2)')
     d.add_argument('--refit', action='store_true', help='fit a new model even where a trained one ships with the samples (checkpoints/)')
     d.set_defaults(func=cmd_demo)
+    return d
 
-    b = sub.add_parser('bench', help='time our kernels against their baselines', description='Runs our kernel and its baselines on the same data in one run; one JSON object per case with --json.')
-    b.add_argument('name', help=f"benchmark: {', '.join(_bench_names())}")
-    b.add_argument('--json', action='store_true', help='one JSON object per case instead of a line')
-    b.add_argument('--quick', action='store_true', help='small sizes (seconds)')
-    b.add_argument('--method', default=None, help=f"panel: the method behind the tiling stage (default patchcore; one of {', '.join(_methods())})")
-    b.set_defaults(func=cmd_bench)
+# %% ../nbs/21_cli.ipynb #d7ad2ec9
+def build_parser() -> argparse.ArgumentParser:
+    "The `stampdefect` argument parser: the global flags, then one subcommand per command (its options are next to it above)."
+    methods = ', '.join(_methods())
+    p = argparse.ArgumentParser(prog='stampdefect', description='Unsupervised crack and defect detection for stamped metal panels.')
+    p.add_argument('--version', action='version', version=f'stampdefect {__version__}', help='print the version and exit')
+    p.add_argument('--debug', action='store_true', help='show tracebacks instead of one-line errors')
+    sub = p.add_subparsers(dest='command', required=True, metavar='COMMAND')
+    _fit_parser(sub, methods); _inspect_parser(sub); _evaluate_parser(sub); _demo_parser(sub, methods); _bench_parser(sub, methods)
     return p
 
 def main(argv=None) -> int:

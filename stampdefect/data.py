@@ -219,6 +219,74 @@ def resize_mask(m: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     cols = np.minimum(((np.arange(hw[1]) + 0.5) * m.shape[1] / hw[1]).astype(np.int64), m.shape[1] - 1)
     return m[rows[:, None], cols[None, :]]
 
+# %% ../nbs/00_data.ipynb #1d2e3651
+def _mvtec_samples(root: Path, split: str, defect_types) -> tuple[list[Sample], list[tuple[Path, str]]]:
+    """The samples of `root/split` in the MVTec AD layout ('good' first), and the defective images without a usable
+    mask as (path, why). Names only: no file is opened."""
+    if split not in ('train', 'test'): raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if not root.is_dir(): raise FileNotFoundError(f"dataset root not found: {root} ({_LAYOUT})")
+    split_dir = root/split
+    if not split_dir.is_dir(): raise FileNotFoundError(f"{split_dir} not found ({_LAYOUT})")
+    available = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith('.'))
+    if split == 'train' and available != ['good']:
+        raise ValueError(f"{split_dir} must hold exactly one folder, 'good' (training images are defect-free), "
+                         f"found {available}")
+    if not available: raise ValueError(f"{split_dir} has no subfolders ({_LAYOUT})")
+    available = sorted(available, key=lambda t: (t != 'good', t))       # 'good' first
+    chosen = available
+    if defect_types is not None:
+        if isinstance(defect_types, str): defect_types = [defect_types]
+        unknown = [t for t in defect_types if t not in available]
+        if unknown or not defect_types:
+            raise ValueError(f"defect_types {list(defect_types)} not all in {split_dir}: available {available}")
+        chosen = [t for t in available if t in defect_types]
+    samples, problems = [], []
+    for t in chosen:
+        images = list_images(split_dir/t)
+        if t == 'good':
+            samples += [Sample(p, 0, 'good') for p in images]; continue
+        gt_dir = root/'ground_truth'/t
+        index = _mask_index(gt_dir) if gt_dir.is_dir() else {}
+        for p in images:
+            try: mask = _find_mask(p, index)
+            except ValueError as e: problems.append((p, str(e))); continue
+            if mask is None:
+                problems.append((p, f"no ground-truth mask {gt_dir/(p.stem + MASK_SUFFIX)}.png" +
+                                    ("" if gt_dir.is_dir() else f" (folder {gt_dir} does not exist)")))
+            else: samples.append(Sample(p, 1, t, mask))
+    return samples, problems
+
+# %% ../nbs/00_data.ipynb #e717a59c
+def _folder_samples(normal_dir, abnormal_dir, mask_dir,
+                    defect_type: str | None) -> tuple[list[Sample], list[tuple[Path, str]]]:
+    """The samples of plain folders: normal images (label 0), then abnormal ones (label 1, `defect_type`, default the
+    folder's name) with their masks from `mask_dir` when given, and the abnormal images without a usable mask as
+    (path, why). Names only: no file is opened."""
+    if normal_dir is None and abnormal_dir is None:
+        raise ValueError("from_folders needs normal_dir, abnormal_dir or both")
+    if mask_dir is not None and abnormal_dir is None:
+        raise ValueError(f"mask_dir={mask_dir} given without abnormal_dir: masks belong to abnormal images")
+    samples, problems = [], []
+    if normal_dir is not None: samples += [Sample(p, 0, 'good') for p in list_images(normal_dir)]
+    if abnormal_dir is not None:
+        abnormal_dir = Path(abnormal_dir)
+        defect_type = defect_type or abnormal_dir.name
+        if defect_type == 'good':
+            raise ValueError(f"abnormal images would get defect_type 'good' (the name of {abnormal_dir}), "
+                             f"which means normal; pass defect_type=")
+        images = list_images(abnormal_dir)
+        if mask_dir is None: samples += [Sample(p, 1, defect_type) for p in images]
+        else:
+            if not Path(mask_dir).is_dir(): raise FileNotFoundError(f"mask folder not found: {mask_dir}")
+            index = _mask_index(mask_dir)
+            for p in images:
+                try: mask = _find_mask(p, index)
+                except ValueError as e: problems.append((p, str(e))); continue
+                if mask is None:
+                    problems.append((p, f"no mask {p.stem}{MASK_SUFFIX}.<ext> or {p.stem}.<ext> in {mask_dir}"))
+                else: samples.append(Sample(p, 1, defect_type, mask))
+    return samples, problems
+
 # %% ../nbs/00_data.ipynb #4d88d204
 class FolderDataset(torch.utils.data.Dataset):
     """Images (and masks) from an MVTec-AD-style folder tree, or from plain folders via `from_folders`.
@@ -230,37 +298,7 @@ class FolderDataset(torch.utils.data.Dataset):
                  size: int | tuple[int, int] | None = None, channels: int | None = 3,
                  binarize_masks: bool = False, skip_bad: bool = False):
         root = Path(root)
-        if split not in ('train', 'test'): raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        if not root.is_dir(): raise FileNotFoundError(f"dataset root not found: {root} ({_LAYOUT})")
-        split_dir = root/split
-        if not split_dir.is_dir(): raise FileNotFoundError(f"{split_dir} not found ({_LAYOUT})")
-        available = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith('.'))
-        if split == 'train' and available != ['good']:
-            raise ValueError(f"{split_dir} must hold exactly one folder, 'good' (training images are defect-free), "
-                             f"found {available}")
-        if not available: raise ValueError(f"{split_dir} has no subfolders ({_LAYOUT})")
-        available = sorted(available, key=lambda t: (t != 'good', t))       # 'good' first
-        chosen = available
-        if defect_types is not None:
-            if isinstance(defect_types, str): defect_types = [defect_types]
-            unknown = [t for t in defect_types if t not in available]
-            if unknown or not defect_types:
-                raise ValueError(f"defect_types {list(defect_types)} not all in {split_dir}: available {available}")
-            chosen = [t for t in available if t in defect_types]
-        samples, problems = [], []
-        for t in chosen:
-            images = list_images(split_dir/t)
-            if t == 'good':
-                samples += [Sample(p, 0, 'good') for p in images]; continue
-            gt_dir = root/'ground_truth'/t
-            index = _mask_index(gt_dir) if gt_dir.is_dir() else {}
-            for p in images:
-                try: mask = _find_mask(p, index)
-                except ValueError as e: problems.append((p, str(e))); continue
-                if mask is None:
-                    problems.append((p, f"no ground-truth mask {gt_dir/(p.stem + MASK_SUFFIX)}.png" +
-                                        ("" if gt_dir.is_dir() else f" (folder {gt_dir} does not exist)")))
-                else: samples.append(Sample(p, 1, t, mask))
+        samples, problems = _mvtec_samples(root, split, defect_types)
         self.root, self.split = root, split
         self._setup(samples, problems, size, channels, binarize_masks, skip_bad)
 
@@ -271,29 +309,7 @@ class FolderDataset(torch.utils.data.Dataset):
         """Dataset from plain folders: normal images (label 0), optionally abnormal images (label 1, defect type
         `defect_type`, default the folder's name) and their masks in `mask_dir`, matched by stem (`<stem>.png`
         or `<stem>_mask.png`). Without `mask_dir`, abnormal images have image labels only (mask all NaN)."""
-        if normal_dir is None and abnormal_dir is None:
-            raise ValueError("from_folders needs normal_dir, abnormal_dir or both")
-        if mask_dir is not None and abnormal_dir is None:
-            raise ValueError(f"mask_dir={mask_dir} given without abnormal_dir: masks belong to abnormal images")
-        samples, problems = [], []
-        if normal_dir is not None: samples += [Sample(p, 0, 'good') for p in list_images(normal_dir)]
-        if abnormal_dir is not None:
-            abnormal_dir = Path(abnormal_dir)
-            defect_type = defect_type or abnormal_dir.name
-            if defect_type == 'good':
-                raise ValueError(f"abnormal images would get defect_type 'good' (the name of {abnormal_dir}), "
-                                 f"which means normal; pass defect_type=")
-            images = list_images(abnormal_dir)
-            if mask_dir is None: samples += [Sample(p, 1, defect_type) for p in images]
-            else:
-                if not Path(mask_dir).is_dir(): raise FileNotFoundError(f"mask folder not found: {mask_dir}")
-                index = _mask_index(mask_dir)
-                for p in images:
-                    try: mask = _find_mask(p, index)
-                    except ValueError as e: problems.append((p, str(e))); continue
-                    if mask is None:
-                        problems.append((p, f"no mask {p.stem}{MASK_SUFFIX}.<ext> or {p.stem}.<ext> in {mask_dir}"))
-                    else: samples.append(Sample(p, 1, defect_type, mask))
+        samples, problems = _folder_samples(normal_dir, abnormal_dir, mask_dir, defect_type)
         self = cls.__new__(cls)
         self.root, self.split = Path(normal_dir if normal_dir is not None else abnormal_dir), None
         self._setup(samples, problems, size, channels, binarize_masks, skip_bad)

@@ -12,7 +12,7 @@ import numpy as np
 import numba
 from numba import njit, prange
 from .ops import array_backend, get_cupy, get_numba_cuda
-from .bench import register_bench, measure, report, release_free_memory
+from .bench import register_bench, report, set_threads, interleaved, timing_extras, agreement
 
 # %% auto #0
 __all__ = ['knn', 'torch_chunked_knn', 'greedy_coreset', 'greedy_coreset_torch', 'bench_knn', 'bench_coreset']
@@ -606,54 +606,10 @@ def greedy_coreset_torch(features, n: int | None = None, ratio: float | None = N
     return torch.tensor(sel, dtype=torch.int64, device=x.device)
 
 # %% ../nbs/03_kernels.ipynb #05209754
-def _set_threads(n: int) -> dict:
-    "Use `n` threads in Numba, torch, faiss and the BLAS libraries (threadpoolctl, if installed); returns what was set."
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    out = {'numba': numba.get_num_threads()}
-    try:
-        import torch; torch.set_num_threads(n); out['torch'] = torch.get_num_threads()
-    except ImportError: pass
-    try:
-        import faiss; faiss.omp_set_num_threads(n); out['faiss'] = n
-    except ImportError: pass
-    try:
-        import threadpoolctl; threadpoolctl.threadpool_limits(n, user_api='blas'); out['blas'] = n
-    except ImportError: pass
-    return out
-
-def _interleaved(fns: dict, rounds: int) -> tuple[dict, dict]:
-    """Time each fn once per round, methods interleaved. Returns ({name: median wall s, each round's s, median
-    process CPU s (all threads; less sensitive to other jobs than wall time), worst peak RSS}, {name: last output})."""
-    res, cpu, outs = {name: [] for name in fns}, {name: [] for name in fns}, {}
-    def run(name, fn):
-        c0 = time.process_time(); outs[name] = fn(); cpu[name].append(time.process_time() - c0)
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            outs.pop(name, None)
-            release_free_memory()
-            res[name].append(measure(run, name, fn, repeats=1, warmup=0))
-    return ({name: {'seconds': float(np.median([r['seconds'] for r in rs])), 'all_seconds': [r['seconds'] for r in rs],
-                    'cpu_seconds': float(np.median(cpu[name])), 'peak_extra_mb': max(r['peak_extra_mb'] for r in rs)}
-             for name, rs in res.items()}, outs)
-
-def _timing_extras(t: dict) -> dict:
-    "Each method's wall time per round and its median CPU time, for the report."
-    return {'all_seconds': {k: [round(x, 3) for x in v['all_seconds']] for k, v in t.items()},
-            'cpu_seconds': {k: round(v['cpu_seconds'], 3) for k, v in t.items()}}
-
-def _agreement(ours, theirs, name) -> dict:
-    "Compare (d, i) results: index agreement, and max distance gap relative to the mean distance (must be tiny)."
-    (d0, i0), (d1, i1) = ours, theirs
-    same = float(np.mean(i0 == i1))
-    rel = float(np.abs(d0 - d1).max() / max(float(np.mean(d1)), 1e-30))
-    if rel > 1e-4 or same < 0.999:
-        raise AssertionError(f"knn disagrees with {name}: index agreement {same:.5f}, max relative distance gap {rel:.2e}")
-    return {f'agree_idx_{name}': round(same, 6), f'max_rel_dist_gap_{name}': float(f'{rel:.3g}')}
-
 @register_bench('knn')
 def bench_knn(quick: bool = False) -> list[dict]:
     "knn vs faiss IndexFlatL2 and chunked torch; 50,000 queries x 20,000 bank x D in {384, 1536} (quick: small)."
-    threads = _set_threads(os.cpu_count() or 1)
+    threads = set_threads(os.cpu_count() or 1)
     nq, nb = (2000, 3000) if quick else (50_000, 20_000)
     cases = [(64, 1), (128, 9)] if quick else [(384, 1), (1536, 1), (384, 9)]
     rounds = 3
@@ -667,13 +623,13 @@ def bench_knn(quick: bool = False) -> list[dict]:
             fns['faiss_flat'] = _faiss_knn
         except ImportError: pass
         for fn in fns.values(): fn(q[:256], b[:1024], k)      # warm-up on small inputs (compile, thread pools)
-        t, outs = _interleaved({name: functools.partial(fn, q, b, k) for name, fn in fns.items()}, rounds)
+        t, outs = interleaved({name: functools.partial(fn, q, b, k) for name, fn in fns.items()}, rounds)
         agree = {}
         for name in fns:
-            if name != 'ours': agree.update(_agreement(outs['ours'], outs[name], name))
+            if name != 'ours': agree.update(agreement(outs['ours'], outs[name], name))
         chunk, block = _CPU_TILE[_resolve_gemm('auto')]
         bound = 4 * chunk * block + 4 * (nq + nb) + 12 * nq * k   # tile + norms + outputs (float32 inputs: no copies)
-        extras = _timing_extras(t)
+        extras = timing_extras(t)
         out.append(report(f'knn_D{dim}_k{k}', {'queries': nq, 'bank': nb, 'dim': dim, 'k': k}, t.pop('ours'), t,
                           threads=threads, rounds=rounds, faiss_time_includes_index_build=True,
                           ours_memory_bound_mb=round(bound / 2**20, 1), **extras, **agree))
@@ -683,13 +639,13 @@ def bench_knn(quick: bool = False) -> list[dict]:
 def bench_coreset(quick: bool = False) -> list[dict]:
     "greedy_coreset vs greedy_coreset_torch: 200,000 x 384 features to 1% (2,000 points); same selected sequence."
     import torch
-    threads = _set_threads(os.cpu_count() or 1)
+    threads = set_threads(os.cpu_count() or 1)
     N, D, n = (10_000, 256, 100) if quick else (200_000, 384, 2_000)
     x = np.random.default_rng(0).standard_normal((N, D), dtype=np.float32)
     greedy_coreset(x[:1000], n=5); greedy_coreset_torch(torch.from_numpy(x[:1000]), n=5)   # warm-up
-    t, res = _interleaved({'ours': lambda: greedy_coreset(x, n=n),
-                           'torch_plain': lambda: greedy_coreset_torch(torch.from_numpy(x), n=n).numpy()}, 1)
+    t, res = interleaved({'ours': lambda: greedy_coreset(x, n=n),
+                          'torch_plain': lambda: greedy_coreset_torch(torch.from_numpy(x), n=n).numpy()}, 1)
     if not np.array_equal(res['ours'], res['torch_plain']):
         raise AssertionError(f"coreset differs from the torch reference at position {int(np.argmax(res['ours'] != res['torch_plain']))}")
     return [report(f'coreset_N{N}_D{D}_n{n}', {'N': N, 'D': D, 'n': n, 'proj_dim': 128}, t['ours'],
-                   {'torch_plain': t['torch_plain']}, threads=threads, same_selection=True, **_timing_extras(t))]
+                   {'torch_plain': t['torch_plain']}, threads=threads, same_selection=True, **timing_extras(t))]

@@ -277,7 +277,7 @@ def _launch_confusion(scores, masks, threshold: float) -> np.ndarray:
     confusion_k[min(-(-n // 256), 4096), 256](scores, masks, float(threshold), counts)
     return counts.copy_to_host()
 
-# %% ../nbs/05_metrics.ipynb #102ada01
+# %% ../nbs/05_metrics.ipynb #d72068c8
 def _blocks(maps, masks):
     "Pairs (map (B, H, W), mask (B, H, W) uint8 numpy, backend) from arrays or lists of arrays."
     if masks is None: raise ValueError("masks is required with maps")
@@ -323,6 +323,7 @@ def _range_and_check(m, backend: str, name: str) -> tuple[float, float]:
     if bad: raise ValueError(f"{name} contains {int(bad)} non-finite scores (NaN or inf)")
     return float(lo), float(hi)
 
+# %% ../nbs/05_metrics.ipynb #67cbdf51
 def _regions(mask: np.ndarray):
     "Label 8-connected defect regions of each image of a (B, H, W) uint8 block: (labels int32 (B', H*W) of the images with defects, label_row (B,), k)."
     has = mask.reshape(len(mask), -1).any(1)
@@ -332,6 +333,49 @@ def _regions(mask: np.ndarray):
     labels, k = ndi.label(mask[has].view(bool), structure=_PLANAR_8, output=np.int32)
     return labels.reshape(-1), label_row, int(k)
 
+def _region_weights(labels, k: int, K: int) -> np.ndarray:
+    "(k+1,) float64: 0 for background, 1 / (K |C|) for each region C of this block."
+    w = np.zeros(k + 1)
+    if k: w[1:] = 1.0 / (K * _region_sizes(labels, k)[1:])
+    return w
+
+def _pixel_weights(mask, region, w) -> np.ndarray:
+    "Per-pixel PRO weight of a (B, H, W) block (0 for normal pixels)."
+    labels, label_row, _ = region
+    full = np.zeros(mask.shape, np.int32)
+    has = label_row >= 0
+    if has.any(): full[has] = labels.reshape(int(has.sum()), *mask.shape[1:])
+    return w[full.reshape(-1)]
+
+# %% ../nbs/05_metrics.ipynb #c8cce1fb
+def _exact_pixel_counts(blocks, regions, weights, pro: bool) -> ScoreCounts:
+    "One group per distinct score (np.unique sorts every pixel): the reference the binned counts approximate."
+    s = np.concatenate([_host(m, 'maps').reshape(-1).astype(np.float64) for m, _, _ in blocks])
+    k = np.concatenate([mk.reshape(-1) for _, mk, _ in blocks]).astype(bool)
+    values, group = np.unique(s, return_inverse=True)
+    pos = np.bincount(group[k], minlength=len(values))
+    neg = np.bincount(group[~k], minlength=len(values))
+    prow = None
+    if pro:
+        w = np.concatenate([_pixel_weights(mk, reg, wt) for (_, mk, _), reg, wt in zip(blocks, regions, weights)])
+        prow = np.bincount(group, weights=w, minlength=len(values))
+    return ScoreCounts(values, neg.astype(np.int64), pos.astype(np.int64), prow, exact=True, level='pixel')
+
+def _gpu_bins(blocks, regions, weights, lo, scale, bins, pro):
+    "Histograms of GPU maps, accumulated on the device; returns host (neg, pos, pro)."
+    _cuda_kernels()
+    neg, pos = _cuda.to_device(np.zeros(bins, np.int64)), _cuda.to_device(np.zeros(bins, np.int64))
+    prow = _cuda.to_device(np.zeros(bins if pro else 1))
+    for j, (m, k, backend) in enumerate(blocks):
+        lab, label_row, _ = regions[j] if pro else (np.zeros(1, np.int32), np.zeros(1, np.int64), 0)
+        w = weights[j] if pro else np.zeros(1)
+        with numba_device(m):
+            _launch_bins(cuda_view(m.reshape(-1)), _cuda.to_device(k.reshape(-1)), _cuda.to_device(lab),
+                         _cuda.to_device(label_row), m.shape[1] * m.shape[2], _cuda.to_device(w), lo, scale, pro,
+                         neg, pos, prow)
+    return neg.copy_to_host(), pos.copy_to_host(), prow.copy_to_host()
+
+# %% ../nbs/05_metrics.ipynb #065d52cf
 def pixel_counts(maps, masks, bins: int | None = DEFAULT_BINS, pro: bool = True) -> ScoreCounts:
     """Counts of normal / defect pixels (and PRO weights) per score bin, over all pixels of all maps.
 
@@ -370,47 +414,6 @@ def pixel_counts(maps, masks, bins: int | None = DEFAULT_BINS, pro: bool = True)
         neg, pos, prow = neg.sum(0, dtype=np.int64), pos.sum(0, dtype=np.int64), prow.sum(0)
     thresholds = lo + np.arange(bins) / scale if scale else np.array([lo])
     return ScoreCounts(thresholds, neg, pos, prow if pro else None, exact=False, level='pixel')
-
-def _region_weights(labels, k: int, K: int) -> np.ndarray:
-    "(k+1,) float64: 0 for background, 1 / (K |C|) for each region C of this block."
-    w = np.zeros(k + 1)
-    if k: w[1:] = 1.0 / (K * _region_sizes(labels, k)[1:])
-    return w
-
-def _exact_pixel_counts(blocks, regions, weights, pro: bool) -> ScoreCounts:
-    "One group per distinct score (np.unique sorts every pixel): the reference the binned counts approximate."
-    s = np.concatenate([_host(m, 'maps').reshape(-1).astype(np.float64) for m, _, _ in blocks])
-    k = np.concatenate([mk.reshape(-1) for _, mk, _ in blocks]).astype(bool)
-    values, group = np.unique(s, return_inverse=True)
-    pos = np.bincount(group[k], minlength=len(values))
-    neg = np.bincount(group[~k], minlength=len(values))
-    prow = None
-    if pro:
-        w = np.concatenate([_pixel_weights(mk, reg, wt) for (_, mk, _), reg, wt in zip(blocks, regions, weights)])
-        prow = np.bincount(group, weights=w, minlength=len(values))
-    return ScoreCounts(values, neg.astype(np.int64), pos.astype(np.int64), prow, exact=True, level='pixel')
-
-def _pixel_weights(mask, region, w) -> np.ndarray:
-    "Per-pixel PRO weight of a (B, H, W) block (0 for normal pixels)."
-    labels, label_row, _ = region
-    full = np.zeros(mask.shape, np.int32)
-    has = label_row >= 0
-    if has.any(): full[has] = labels.reshape(int(has.sum()), *mask.shape[1:])
-    return w[full.reshape(-1)]
-
-def _gpu_bins(blocks, regions, weights, lo, scale, bins, pro):
-    "Histograms of GPU maps, accumulated on the device; returns host (neg, pos, pro)."
-    _cuda_kernels()
-    neg, pos = _cuda.to_device(np.zeros(bins, np.int64)), _cuda.to_device(np.zeros(bins, np.int64))
-    prow = _cuda.to_device(np.zeros(bins if pro else 1))
-    for j, (m, k, backend) in enumerate(blocks):
-        lab, label_row, _ = regions[j] if pro else (np.zeros(1, np.int32), np.zeros(1, np.int64), 0)
-        w = weights[j] if pro else np.zeros(1)
-        with numba_device(m):
-            _launch_bins(cuda_view(m.reshape(-1)), _cuda.to_device(k.reshape(-1)), _cuda.to_device(lab),
-                         _cuda.to_device(label_row), m.shape[1] * m.shape[2], _cuda.to_device(w), lo, scale, pro,
-                         neg, pos, prow)
-    return neg.copy_to_host(), pos.copy_to_host(), prow.copy_to_host()
 
 # %% ../nbs/05_metrics.ipynb #6b22a67e
 def pixel_auroc(maps, masks, bins: int | None = DEFAULT_BINS) -> float:

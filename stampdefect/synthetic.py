@@ -86,39 +86,7 @@ class PanelConfig:
 
     def __post_init__(self):
         for f in fields(self): object.__setattr__(self, f.name, _as_tuple(getattr(self, f.name)))  # lists from JSON
-        def rng_ok(name, lo_min=None, lo_gt=None, hi_max=None):
-            v = getattr(self, name)
-            if not (isinstance(v, tuple) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v) and v[0] <= v[1]):
-                raise ValueError(f"PanelConfig.{name} must be a (low, high) pair with low <= high, got {v!r}")
-            if lo_min is not None and v[0] < lo_min: raise ValueError(f"PanelConfig.{name} must be >= {lo_min}, got {v!r}")
-            if lo_gt is not None and v[0] <= lo_gt: raise ValueError(f"PanelConfig.{name} must be > {lo_gt}, got {v!r}")
-            if hi_max is not None and v[1] > hi_max: raise ValueError(f"PanelConfig.{name} must be <= {hi_max}, got {v!r}")
-        H, W = self.size if isinstance(self.size, tuple) and len(self.size) == 2 else (None, None)
-        if not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 64 for s in (H, W)):
-            raise ValueError(f"PanelConfig.size must be (H, W) integers >= 64, got {self.size!r}")
-        rng_ok('panel_frac', lo_gt=0, hi_max=1); rng_ok('scale_range', lo_gt=0)
-        rng_ok('n_cracks', lo_min=1); rng_ok('crack_length_px', lo_min=2.0); rng_ok('crack_width_px', lo_min=0.5)
-        rng_ok('crack_depth', lo_min=0, hi_max=1)
-        if not all(isinstance(n, int) for n in self.n_cracks): raise ValueError(f"PanelConfig.n_cracks must be integers, got {self.n_cracks!r}")
-        if not 0 < self.corner_radius < 0.5: raise ValueError(f"PanelConfig.corner_radius must be in (0, 0.5), got {self.corner_radius}")
-        for name in ('branch_prob', 'lookalike_prob'):
-            if not 0 <= getattr(self, name) <= 1: raise ValueError(f"PanelConfig.{name} must be in [0, 1], got {getattr(self, name)}")
-        for name in ('max_shift', 'max_angle_deg', 'light_jitter_deg', 'ambient', 'diffuse', 'specular', 'brushed',
-                     'background', 'drift', 'noise_sigma', 'shot_noise'):
-            if getattr(self, name) < 0: raise ValueError(f"PanelConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if not 5 <= self.light_elevation_deg <= 90: raise ValueError(f"PanelConfig.light_elevation_deg must be in [5, 90], got {self.light_elevation_deg}")
-        if not (isinstance(self.max_lookalikes, int) and self.max_lookalikes >= 1): raise ValueError(f"PanelConfig.max_lookalikes must be an int >= 1, got {self.max_lookalikes!r}")
-        bad = [k for k in self.lookalike_kinds if k not in LOOKALIKE_KINDS]
-        if bad: raise ValueError(f"PanelConfig.lookalike_kinds: unknown kinds {bad}; choose from {LOOKALIKE_KINDS}")
-        if len(self.tint) != 3 or min(self.tint) <= 0: raise ValueError(f"PanelConfig.tint must be 3 positive gains, got {self.tint!r}")
-        # the panel must stay inside the frame for every pose the jitter can produce
-        a, b = self.panel_frac[1] * W / 2, self.panel_frac[0] * H / 2
-        th = math.radians(min(self.max_angle_deg, 45))
-        ext_x = self.scale_range[1] * (a * math.cos(th) + b * math.sin(th)) + self.max_shift * W
-        ext_y = self.scale_range[1] * (b * math.cos(th) + a * math.sin(th)) + self.max_shift * H
-        if ext_x > (W - 1) / 2 or ext_y > (H - 1) / 2:
-            raise ValueError(f"PanelConfig: with panel_frac={self.panel_frac}, max_shift={self.max_shift}, max_angle_deg="
-                             f"{self.max_angle_deg}, scale_range={self.scale_range} the panel can leave the {W}x{H} frame")
+        _check_panel_config(self)
 
     def to_dict(self) -> dict: return asdict(self)
 
@@ -127,6 +95,43 @@ class PanelConfig:
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown: raise ValueError(f"PanelConfig.from_dict: unknown fields {sorted(unknown)}")
         return cls(**d)
+
+# %% ../nbs/01_synthetic.ipynb #c9373400
+def _check_panel_config(c: PanelConfig) -> None:
+    "Raise ValueError naming the field when a `PanelConfig` value is out of range or the panel can leave the frame."
+    def rng_ok(name, lo_min=None, lo_gt=None, hi_max=None):
+        v = getattr(c, name)
+        if not (isinstance(v, tuple) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v) and v[0] <= v[1]):
+            raise ValueError(f"PanelConfig.{name} must be a (low, high) pair with low <= high, got {v!r}")
+        if lo_min is not None and v[0] < lo_min: raise ValueError(f"PanelConfig.{name} must be >= {lo_min}, got {v!r}")
+        if lo_gt is not None and v[0] <= lo_gt: raise ValueError(f"PanelConfig.{name} must be > {lo_gt}, got {v!r}")
+        if hi_max is not None and v[1] > hi_max: raise ValueError(f"PanelConfig.{name} must be <= {hi_max}, got {v!r}")
+    H, W = c.size if isinstance(c.size, tuple) and len(c.size) == 2 else (None, None)
+    if not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 64 for s in (H, W)):
+        raise ValueError(f"PanelConfig.size must be (H, W) integers >= 64, got {c.size!r}")
+    rng_ok('panel_frac', lo_gt=0, hi_max=1); rng_ok('scale_range', lo_gt=0)
+    rng_ok('n_cracks', lo_min=1); rng_ok('crack_length_px', lo_min=2.0); rng_ok('crack_width_px', lo_min=0.5)
+    rng_ok('crack_depth', lo_min=0, hi_max=1)
+    if not all(isinstance(n, int) for n in c.n_cracks): raise ValueError(f"PanelConfig.n_cracks must be integers, got {c.n_cracks!r}")
+    if not 0 < c.corner_radius < 0.5: raise ValueError(f"PanelConfig.corner_radius must be in (0, 0.5), got {c.corner_radius}")
+    for name in ('branch_prob', 'lookalike_prob'):
+        if not 0 <= getattr(c, name) <= 1: raise ValueError(f"PanelConfig.{name} must be in [0, 1], got {getattr(c, name)}")
+    for name in ('max_shift', 'max_angle_deg', 'light_jitter_deg', 'ambient', 'diffuse', 'specular', 'brushed',
+                 'background', 'drift', 'noise_sigma', 'shot_noise'):
+        if getattr(c, name) < 0: raise ValueError(f"PanelConfig.{name} must be >= 0, got {getattr(c, name)}")
+    if not 5 <= c.light_elevation_deg <= 90: raise ValueError(f"PanelConfig.light_elevation_deg must be in [5, 90], got {c.light_elevation_deg}")
+    if not (isinstance(c.max_lookalikes, int) and c.max_lookalikes >= 1): raise ValueError(f"PanelConfig.max_lookalikes must be an int >= 1, got {c.max_lookalikes!r}")
+    bad = [k for k in c.lookalike_kinds if k not in LOOKALIKE_KINDS]
+    if bad: raise ValueError(f"PanelConfig.lookalike_kinds: unknown kinds {bad}; choose from {LOOKALIKE_KINDS}")
+    if len(c.tint) != 3 or min(c.tint) <= 0: raise ValueError(f"PanelConfig.tint must be 3 positive gains, got {c.tint!r}")
+    # the panel must stay inside the frame for every pose the jitter can produce
+    a, b = c.panel_frac[1] * W / 2, c.panel_frac[0] * H / 2
+    th = math.radians(min(c.max_angle_deg, 45))
+    ext_x = c.scale_range[1] * (a * math.cos(th) + b * math.sin(th)) + c.max_shift * W
+    ext_y = c.scale_range[1] * (b * math.cos(th) + a * math.sin(th)) + c.max_shift * H
+    if ext_x > (W - 1) / 2 or ext_y > (H - 1) / 2:
+        raise ValueError(f"PanelConfig: with panel_frac={c.panel_frac}, max_shift={c.max_shift}, max_angle_deg="
+                         f"{c.max_angle_deg}, scale_range={c.scale_range} the panel can leave the {W}x{H} frame")
 
 # %% ../nbs/01_synthetic.ipynb #920b651e
 def _smoothstep(x):
@@ -355,35 +360,6 @@ def _shade_posed(cfg: PanelConfig, M: np.ndarray, az_deg: float, el_deg: float, 
     return gray, alpha
 
 # %% ../nbs/01_synthetic.ipynb #05f86b14
-@njit(cache=True)
-def _raster_polyline(xs, ys, hw, ox, oy, lx, ly, e_out, face_out):
-    """Rasterise a polyline (xs, ys: (n,) float64 image px) with per-vertex half-widths hw (n,) into a crop whose
-    pixel [0, 0] is image pixel (ox, oy). e_out (h, w) float32, start at +inf: min over segments of (distance from
-    the pixel centre to the segment - local half-width). face_out (h, w) float32: cosine between the crack-to-pixel
-    direction and the light direction (lx, ly) for the nearest segment."""
-    Hc, Wc = e_out.shape
-    for k in range(len(xs) - 1):
-        ax, ay, bx, by = xs[k], ys[k], xs[k + 1], ys[k + 1]
-        dx, dy = bx - ax, by - ay
-        l2 = dx * dx + dy * dy
-        rr = max(hw[k], hw[k + 1]) + 3.0
-        i0 = max(int(math.floor(min(ay, by) - rr - oy)), 0)
-        i1 = min(int(math.ceil(max(ay, by) + rr - oy)) + 1, Hc)
-        j0 = max(int(math.floor(min(ax, bx) - rr - ox)), 0)
-        j1 = min(int(math.ceil(max(ax, bx) + rr - ox)) + 1, Wc)
-        for i in range(i0, i1):
-            py = i + oy
-            for j in range(j0, j1):
-                px = j + ox
-                t = ((px - ax) * dx + (py - ay) * dy) / l2 if l2 > 0 else 0.0
-                t = min(max(t, 0.0), 1.0)
-                qx, qy = px - ax - t * dx, py - ay - t * dy
-                d = math.sqrt(qx * qx + qy * qy)
-                e = d - (hw[k] + t * (hw[k + 1] - hw[k]))
-                if e < e_out[i, j]:
-                    e_out[i, j] = e
-                    face_out[i, j] = (qx * lx + qy * ly) / d if d > 1e-9 else 0.0
-
 def _along_bend(B: dict, x: float, y: float) -> tuple[float, float]:
     "Angle (rad) of the bend line at template point (x, y), and the bend strength (largest |curvature|) there."
     f = B['step']; h, w = B['hxx'].shape
@@ -439,6 +415,37 @@ def _crack_geometry(cfg: PanelConfig, B: dict, rng) -> tuple[list, dict]:
     return lines, dict(site_template=[float(site[0]), float(site[1])], length_px=float(s[-1]),
                        total_length_px=total, width_px=float(2 * hw.max()), n_branches=len(lines) - 1)
 
+# %% ../nbs/01_synthetic.ipynb #d00c7216
+@njit(cache=True)
+def _raster_polyline(xs, ys, hw, ox, oy, lx, ly, e_out, face_out):
+    """Rasterise a polyline (xs, ys: (n,) float64 image px) with per-vertex half-widths hw (n,) into a crop whose
+    pixel [0, 0] is image pixel (ox, oy). e_out (h, w) float32, start at +inf: min over segments of (distance from
+    the pixel centre to the segment - local half-width). face_out (h, w) float32: cosine between the crack-to-pixel
+    direction and the light direction (lx, ly) for the nearest segment."""
+    Hc, Wc = e_out.shape
+    for k in range(len(xs) - 1):
+        ax, ay, bx, by = xs[k], ys[k], xs[k + 1], ys[k + 1]
+        dx, dy = bx - ax, by - ay
+        l2 = dx * dx + dy * dy
+        rr = max(hw[k], hw[k + 1]) + 3.0
+        i0 = max(int(math.floor(min(ay, by) - rr - oy)), 0)
+        i1 = min(int(math.ceil(max(ay, by) + rr - oy)) + 1, Hc)
+        j0 = max(int(math.floor(min(ax, bx) - rr - ox)), 0)
+        j1 = min(int(math.ceil(max(ax, bx) + rr - ox)) + 1, Wc)
+        for i in range(i0, i1):
+            py = i + oy
+            for j in range(j0, j1):
+                px = j + ox
+                t = ((px - ax) * dx + (py - ay) * dy) / l2 if l2 > 0 else 0.0
+                t = min(max(t, 0.0), 1.0)
+                qx, qy = px - ax - t * dx, py - ay - t * dy
+                d = math.sqrt(qx * qx + qy * qy)
+                e = d - (hw[k] + t * (hw[k + 1] - hw[k]))
+                if e < e_out[i, j]:
+                    e_out[i, j] = e
+                    face_out[i, j] = (qx * lx + qy * ly) / d if d > 1e-9 else 0.0
+
+# %% ../nbs/01_synthetic.ipynb #133960b8
 def _crop_box(points: np.ndarray, r: float, H: int, W: int) -> tuple[int, int, int, int]:
     "Integer crop (x0, y0, x1, y1), end exclusive, around (N, 2) points with margin r, clipped to the image."
     x0, y0 = np.floor(points.min(0) - r).astype(int)

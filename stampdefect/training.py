@@ -220,6 +220,48 @@ def _check_resumable(ck: dict, path: Path, mods: dict, seed: int, steps: int, ha
         raise ValueError(f"checkpoint {path} was written {'with' if ck['scheduler'] is not None else 'without'} a scheduler, "
                          f"this call has {'one' if has_scheduler else 'none'}")
 
+# %% ../nbs/08_training.ipynb #0d247fca
+def _check_train_args(step_fn, optimizer, data, steps, ckpt_every, log_every, max_seconds, grad_clip):
+    "`train`'s arguments that can be checked before anything runs; a TypeError or ValueError saying what to pass."
+    if not callable(step_fn): raise TypeError(f"step_fn must be callable, got {type(step_fn).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer): raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if not callable(data): raise TypeError(f"data must be a function gen -> iterable of batches (e.g. shuffled_batches(x, 8)), got {type(data).__name__}")
+    for name, v, lo in [('steps', steps, 1), ('ckpt_every', ckpt_every, 0), ('log_every', log_every, 1)]:
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo: raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    if max_seconds is not None and not max_seconds > 0: raise ValueError(f"max_seconds must be > 0 or None, got {max_seconds}")
+    if grad_clip is not None and not grad_clip > 0: raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip}")
+
+def _start(ckpt_path: Path | None, mods: dict, optimizer, scheduler, scaler, data: Callable, seed: int,
+           steps: int) -> tuple[dict, int, _BatchStream]:
+    """Where the run starts: from the checkpoint at `ckpt_path` when there is one (modules, optimizer, scheduler and
+    scaler states restored, the data stream at the saved batch, the random state of the saved step), else from step 0
+    with everything seeded. Returns (logged values so far, the step done, the batch stream)."""
+    gen = torch.Generator()
+    if ckpt_path is None or not ckpt_path.exists():
+        seed_everything(seed); gen.manual_seed(seed)
+        return {}, 0, _BatchStream(data, gen)
+    ck = load_checkpoint(ckpt_path)
+    _check_resumable(ck, ckpt_path, mods, seed, steps, scheduler is not None)
+    try:
+        for name, m in mods.items(): m.load_state_dict(ck['modules'][name])
+        optimizer.load_state_dict(ck['optimizer'])
+        if scheduler is not None: scheduler.load_state_dict(ck['scheduler'])
+        if scaler.is_enabled() and ck['scaler']: scaler.load_state_dict(ck['scaler'])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise ValueError(f"checkpoint {ckpt_path} does not fit these modules/optimizer ({type(e).__name__}: {str(e)[:300]})") from None
+    gen.set_state(ck['data']['generator'])
+    stream = _BatchStream(data, gen, ck['data']['epoch'], ck['data']['batch'])
+    set_rng_state(ck['rng'])   # after the skip: skipped batches must not shift the step's random numbers
+    return {k: v.tolist() for k, v in ck['history'].items()}, ck['step'], stream
+
+def _checkpoint_state(step: int, seed: int, mods: dict, optimizer, scheduler, scaler, stream: _BatchStream,
+                      values: dict) -> dict:
+    "Everything a resumed run needs to continue exactly as if it had not stopped, after `step`."
+    return {'step': step, 'seed': seed, 'modules': {n: m.state_dict() for n, m in mods.items()},
+            'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict() if scheduler is not None else None,
+            'scaler': scaler.state_dict() if scaler.is_enabled() else None, 'rng': get_rng_state(), 'data': stream.state(),
+            'history': {k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()}}
+
 # %% ../nbs/08_training.ipynb #a6657010
 def train(step_fn: Callable[[Any], Mapping[str, Any]], modules: nn.Module | Mapping[str, nn.Module],
           optimizer: torch.optim.Optimizer, data: Callable[[torch.Generator], Iterable], steps: int, *,
@@ -237,38 +279,14 @@ def train(step_fn: Callable[[Any], Mapping[str, Any]], modules: nn.Module | Mapp
     max_seconds: time budget of this call: when a step ends past it, training stops there, writes the checkpoint
         (when ckpt_path is given; a later call resumes from it) and returns with `History.stopped_on_budget` True."""
     mods = _as_module_dict(modules)
-    if not callable(step_fn): raise TypeError(f"step_fn must be callable, got {type(step_fn).__name__}")
-    if not isinstance(optimizer, torch.optim.Optimizer): raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if not callable(data): raise TypeError(f"data must be a function gen -> iterable of batches (e.g. shuffled_batches(x, 8)), got {type(data).__name__}")
-    for name, v, lo in [('steps', steps, 1), ('ckpt_every', ckpt_every, 0), ('log_every', log_every, 1)]:
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo: raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-    if max_seconds is not None and not max_seconds > 0: raise ValueError(f"max_seconds must be > 0 or None, got {max_seconds}")
-    if grad_clip is not None and not grad_clip > 0: raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip}")
+    _check_train_args(step_fn, optimizer, data, steps, ckpt_every, log_every, max_seconds, grad_clip)
     device = _device_of(mods)
     use_amp = _resolve_amp(amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
     ckpt_path = Path(ckpt_path) if ckpt_path is not None else None
     params = [p for g in optimizer.param_groups for p in g['params']]
 
-    gen, values, start, rng = torch.Generator(), {}, 0, None
-    if ckpt_path is not None and resume and ckpt_path.exists():
-        ck = load_checkpoint(ckpt_path)
-        _check_resumable(ck, ckpt_path, mods, seed, steps, scheduler is not None)
-        try:
-            for name, m in mods.items(): m.load_state_dict(ck['modules'][name])
-            optimizer.load_state_dict(ck['optimizer'])
-            if scheduler is not None: scheduler.load_state_dict(ck['scheduler'])
-            if scaler.is_enabled() and ck['scaler']: scaler.load_state_dict(ck['scaler'])
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise ValueError(f"checkpoint {ckpt_path} does not fit these modules/optimizer ({type(e).__name__}: {str(e)[:300]})") from None
-        values = {k: v.tolist() for k, v in ck['history'].items()}
-        start, rng = ck['step'], ck['rng']
-        gen.set_state(ck['data']['generator'])
-        stream = _BatchStream(data, gen, ck['data']['epoch'], ck['data']['batch'])
-        set_rng_state(rng)   # after the skip: skipped batches must not shift the step's random numbers
-    else:
-        seed_everything(seed); gen.manual_seed(seed)
-        stream = _BatchStream(data, gen)
+    values, start, stream = _start(ckpt_path if resume else None, mods, optimizer, scheduler, scaler, data, seed, steps)
 
     keys = list(values) or None
     def flush(pending: list) -> dict[str, float]:
@@ -304,11 +322,7 @@ def train(step_fn: Callable[[Any], Mapping[str, Any]], modules: nn.Module | Mapp
                 if on_log is not None: on_log(step, means)
             bar.update(1)
             if save_now:
-                save_checkpoint(ckpt_path, {
-                    'step': step, 'seed': seed, 'modules': {n: m.state_dict() for n, m in mods.items()},
-                    'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict() if scheduler is not None else None,
-                    'scaler': scaler.state_dict() if scaler.is_enabled() else None, 'rng': get_rng_state(), 'data': stream.state(),
-                    'history': {k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()}})
+                save_checkpoint(ckpt_path, _checkpoint_state(step, seed, mods, optimizer, scheduler, scaler, stream, values))
             if stop: break
     finally:
         bar.close()
