@@ -6,7 +6,7 @@ Docs: https://stampdefect.github.io/stampdefect/evaluation.html.md"""
 
 # %% ../nbs/22_evaluation.ipynb #9dc88de5
 from __future__ import annotations
-import json, resource, tempfile, time
+import json, os, resource, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import numpy as np
@@ -18,11 +18,12 @@ from .data import FolderDataset, load_mask, ImageReadError, MaskError
 from .metrics import evaluate
 from .pipeline import inspect_panel, check_sizes
 from .ops import resize_maps
-from .bench import register_bench, report, PeakRSS
+from .bench import register_bench, report, interleaved, PeakRSS
 
 # %% auto #0
-__all__ = ['TABLE_KEYS', 'split_for_calibration', 'check_test_set', 'evaluate_detector', 'format_table', 'jsonable',
-           'write_results_json', 'bench_evaluate']
+__all__ = ['TABLE_KEYS', 'split_for_calibration', 'check_test_set', 'classification_rate', 'evaluate_detector', 'format_table',
+           'jsonable', 'write_results_json', 'machine_facts', 'Timed', 'evaluate_items', 'read_results',
+           'markdown_table', 'bench_evaluate']
 
 # %% ../nbs/22_evaluation.ipynb #5bf87d96
 def split_for_calibration(n: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -83,6 +84,18 @@ def check_test_set(ds: FolderDataset, binarize_hint: str = 'binarize_masks=True'
         check_sizes({str(s.path): hw for s, (_, hw) in zip(ds.samples, found)}, f"test images of {ds.root} (compared at their own size)")
     return n_masks
 
+# %% ../nbs/22_evaluation.ipynb #51884e95
+def classification_rate(scores, threshold: float | None, types) -> tuple[float | None, dict[str, float]]:
+    """The mean over groups of the share decided correctly at `threshold` (score > threshold is defective): the
+    'good' group should pass, every other group be flagged. scores (N,), types (N,) group names ('good' = normal).
+    Returns (mean, {group: share}); (None, {}) without a threshold."""
+    if threshold is None: return None, {}
+    scores, types = np.asarray(scores, float), np.asarray(types)
+    if scores.shape != types.shape: raise ValueError(f"scores {scores.shape} and types {types.shape} differ in shape")
+    flagged = scores > threshold
+    per = {str(t): float((flagged[types == t] == (t != 'good')).mean()) for t in sorted(set(types.tolist()))}
+    return (float(np.mean(list(per.values()))) if per else None), per
+
 # %% ../nbs/22_evaluation.ipynb #5085c335
 def _peak_rss_mb() -> float: return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -113,6 +126,7 @@ def _score_batched(det: Detector, ds: FolderDataset, batch_size: int, bar) -> tu
             bar.update(len(items))
     return scores, maps, masks, t_read
 
+# %% ../nbs/22_evaluation.ipynb #09a2e439
 def evaluate_detector(det: Detector, root, batch_size: int = 8, defect_types=None, progress: bool = True,
                       binarize_masks: bool = False, aligner=None, pixel_threshold: float | None = None,
                       on_report=None, binarize_hint: str = 'binarize_masks=True') -> dict:
@@ -122,9 +136,10 @@ def evaluate_detector(det: Detector, root, batch_size: int = 8, defect_types=Non
     at a time. With an `aligner`, every photo goes through `inspect_panel` (aligned first; maps and masks compared in
     photo pixels); a photo that cannot be aligned is inspected unaligned, so it still has a score, and is listed in
     res['not_aligned']. on_report(item, report): called with each test item and its `PanelReport` (photo by photo;
-    the demo saves overlays with it). IoU and pixel F1 use `pixel_threshold` (default: the model's threshold).
+    the demo saves overlays with it). IoU and pixel F1 use `pixel_threshold` (default: the model's pixel threshold).
     Returns metrics.evaluate's dict plus n_images, images_per_second, seconds {'read', 'detect', 'metrics'},
-    peak_rss_mb, aligned, not_aligned and per_defect_type {type: metrics of that type's images and the good ones}."""
+    peak_rss_mb, aligned, not_aligned, per_defect_type {type: metrics of that type's images and the good ones} and
+    the thesis's classification % (`classification_rate` at the image threshold)."""
     from tqdm.auto import tqdm
     if not isinstance(det, Detector): raise TypeError(f"det must be a fitted Detector, got {type(det).__name__}")
     if not det.fitted: raise RuntimeError(f"{type(det).__name__} is not fitted: fit it or load a saved model first")
@@ -151,7 +166,7 @@ def evaluate_detector(det: Detector, root, batch_size: int = 8, defect_types=Non
     t_metrics = time.perf_counter()
     labels, types = np.array([s.label for s in ds.samples]), ds.defect_types
     scores = np.array(scores)
-    thr = det.threshold if pixel_threshold is None else pixel_threshold
+    thr = det.pixel_threshold if pixel_threshold is None else pixel_threshold
     res = evaluate(scores, labels, np.stack(maps), np.stack(masks), threshold=thr)
     per_type = {}
     for t in sorted(set(types) - {'good'}):
@@ -163,6 +178,7 @@ def evaluate_detector(det: Detector, root, batch_size: int = 8, defect_types=Non
                seconds={'read': round(t_read, 4), 'detect': round(t_score - t_read, 4), 'metrics': round(t_metrics, 4)},
                peak_rss_mb=round(_peak_rss_mb(), 1), aligned=aligner is not None, not_aligned=not_aligned)
     res['per_defect_type'] = per_type
+    res['classification'], res['classification_per_group'] = classification_rate(scores, det.threshold, types)
     return res
 
 # %% ../nbs/22_evaluation.ipynb #65314054
@@ -193,6 +209,53 @@ def write_results_json(res: dict, path) -> Path:
     text = json.dumps(jsonable(res), indent=1)
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
+# %% ../nbs/22_evaluation.ipynb #633e480d
+def machine_facts() -> dict:
+    "What a timing depends on: CPU cores, torch threads, the load average (1, 5, 15 minutes), Python and torch versions."
+    import platform
+    return {'cpu_count': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
+            'load_average': [round(v, 2) for v in os.getloadavg()], 'python': platform.python_version(), 'torch': torch.__version__}
+
+class Timed:
+    """`with Timed() as t: ...` measures the block. `t.record`: seconds, peak_extra_mb (peak resident memory above
+    the start, `bench.PeakRSS`; None with memory=False), load_before and load_after (1, 5, 15-minute load averages)."""
+    def __init__(self, memory: bool = True): self.memory, self.record = memory, {}
+    def __enter__(self):
+        self._mem = PeakRSS().__enter__() if self.memory else None
+        self.record = {'load_before': [round(v, 2) for v in os.getloadavg()]}
+        self._t0 = time.perf_counter()
+        return self
+    def __exit__(self, *exc):
+        seconds = time.perf_counter() - self._t0
+        if self._mem is not None: self._mem.__exit__(*exc)
+        self.record.update(seconds=round(seconds, 3), peak_extra_mb=None if self._mem is None else round(self._mem.peak_extra_mb, 1),
+                           load_after=[round(v, 2) for v in os.getloadavg()])
+
+def evaluate_items(det: Detector, items, threshold: float | None = None) -> tuple[dict, list[np.ndarray]]:
+    """Score test items one at a time: `items` is a sequence of dicts with 'image' (C, H, W) float32 in [0, 1],
+    'mask' (1, H, W) and 'label' 0/1 (a FolderDataset or a list). Returns (metrics.evaluate's dict plus
+    n_images and seconds_per_image, the time in `predict` alone; the maps, (H, W) float32 each)."""
+    scores, maps, masks, labels, t_pred = [], [], [], [], 0.0
+    for it in (items[i] for i in range(len(items))):
+        t0 = time.perf_counter(); p = det.predict(it['image'][None]); t_pred += time.perf_counter() - t0
+        scores.append(float(p.scores[0])); maps.append(p.maps[0])
+        masks.append(it['mask'][0].numpy() > 0.5); labels.append(int(it['label']))
+    res = evaluate(np.array(scores), np.array(labels), np.stack(maps), np.stack(masks),
+                   threshold=det.threshold if threshold is None else threshold)
+    return {**res, 'n_images': len(scores), 'seconds_per_image': t_pred / max(1, len(scores))}, maps
+
+def read_results(path, command: str) -> dict | None:
+    "The JSON results file at `path`, or None after one line saying that it is missing and that `command` writes it."
+    path = Path(path)
+    if not path.is_file():
+        print(f"{path} not found: `{command}` writes it"); return None
+    return json.loads(path.read_text())
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    "A markdown table (for `IPython.display.Markdown`) of `rows` under `header`; floats are written with 3 decimals."
+    cell = lambda v: f'{v:.3f}' if isinstance(v, float) else '-' if v is None else str(v)
+    return '\n'.join(['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)] + ['| ' + ' | '.join(map(cell, r)) + ' |' for r in rows])
+
 # %% ../nbs/22_evaluation.ipynb #4ca70dcd
 def _synthetic_set(root: Path, n_train: int, n_test: int, size: int, seed: int = 0) -> Path:
     "MVTec-layout folder: `n_train` normal images, `n_test` good and `n_test` scratched test images with masks."
@@ -210,15 +273,10 @@ def _synthetic_set(root: Path, n_train: int, n_test: int, size: int, seed: int =
         Image.fromarray(m).save(root / 'ground_truth' / 'scratch' / f'{k:03d}_mask.png', compress_level=1)
     return root
 
-def _timed(fn) -> tuple[float, float]:
-    with PeakRSS() as mem:
-        t0 = time.perf_counter(); fn(); dt = time.perf_counter() - t0
-    return dt, mem.peak_extra_mb
-
 @register_bench('evaluate')
 def bench_evaluate(quick: bool = False, repeats: int = 3) -> list[dict]:
     """evaluate_detector on a synthetic MVTec-layout folder against the detector's predict_all on the same images,
-    alternating the two `repeats` times (medians, so that load from other jobs hits both alike)."""
+    alternating the two `repeats` times (`bench.interleaved`: medians, so that load from other jobs hits both alike)."""
     from stampdefect.core import get_detector
     import statistics
     size, n_train, n_test = (64, 4, 8) if quick else (256, 10, 32)
@@ -230,17 +288,17 @@ def bench_evaluate(quick: bool = False, repeats: int = 3) -> list[dict]:
         ds = FolderDataset(root, split='test', size=det.capabilities.input_size, channels=det.capabilities.channels)
         images = torch.stack([it['image'] for it in ds])
         det.predict_all(images[:8], 8)                                       # warm-up (first-call costs)
-        pred_t, pred_mb, ev_t, ev_mb, score_t, last = [], 0.0, [], 0.0, [], None
-        for _ in range(repeats):
-            dt, mb = _timed(lambda: det.predict_all(images, 8)); pred_t.append(dt); pred_mb = max(pred_mb, mb)
-            box = {}
-            dt, mb = _timed(lambda: box.update(res=evaluate_detector(det, root, 8, progress=False))); ev_t.append(dt); ev_mb = max(ev_mb, mb)
-            last = box['res']; score_t.append(last['n_images'] / last['images_per_second'])
-    ours = {'seconds': statistics.median(ev_t), 'peak_extra_mb': round(ev_mb, 1)}
-    base = {'seconds': statistics.median(pred_t), 'peak_extra_mb': round(pred_mb, 1)}
+        score_t = []                                                         # each round's scoring seconds
+        def run_evaluate():
+            res = evaluate_detector(det, root, 8, progress=False)
+            score_t.append(res['n_images'] / res['images_per_second'])
+            return res
+        t, outs = interleaved({'predict_all': lambda: det.predict_all(images, 8), 'evaluate': run_evaluate}, repeats)
+        last = outs['evaluate']
+    ours, base = t['evaluate'], t['predict_all']
     return [report(f"evaluate/{det.name} {size}x{size}", {'images': len(images), 'size': size, 'batch_size': 8}, ours,
                    {'predict_all': base}, scoring_ratio=round(statistics.median(score_t) / base['seconds'], 3),
                    images_per_second=round(len(images) / ours['seconds'], 2),
                    predict_images_per_second=round(len(images) / base['seconds'], 2),
-                   all_seconds={'evaluate': [round(t, 4) for t in ev_t], 'predict_all': [round(t, 4) for t in pred_t]},
+                   all_seconds={k: [round(s, 4) for s in v['all_seconds']] for k, v in (('evaluate', ours), ('predict_all', base))},
                    image_auroc=last['image_auroc'], pixel_auroc=last['pixel_auroc'])]

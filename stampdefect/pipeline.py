@@ -16,7 +16,9 @@ from scipy import ndimage as ndi
 from .core import Detector, StageTimer, stage, file_sha256, read_safetensors
 from .tiled import Tiled, TileConfig
 from .ops import resize_images, resize_maps
-from .alignment import Aligner, AlignerConfig, STNConfig, as_image
+from .alignment import Aligner, AlignerConfig
+from .geometry import as_image
+from .stn import STNConfig
 from .bench import register_bench, report, PeakRSS
 
 # %% auto #0
