@@ -183,6 +183,7 @@ METHODS: dict[str, str] = {                    # the registry: method name -> mo
     'patchcore': 'stampdefect.models.patchcore',
     'mna': 'stampdefect.models.mna',
     'vqvae_ar': 'stampdefect.models.vqvae_ar',
+    'draem': 'stampdefect.models.draem',
 }
 REGISTRY: dict[str, type] = {}                 # name -> class, filled as modules are imported
 
