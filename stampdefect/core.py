@@ -184,6 +184,7 @@ METHODS: dict[str, str] = {                    # the registry: method name -> mo
     'mna': 'stampdefect.models.mna',
     'vqvae_ar': 'stampdefect.models.vqvae_ar',
     'draem': 'stampdefect.models.draem',
+    'autoencoder': 'stampdefect.models.autoencoder',
 }
 REGISTRY: dict[str, type] = {}                 # name -> class, filled as modules are imported
 
