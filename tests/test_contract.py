@@ -15,7 +15,7 @@ FREQ = 0.25          # stripes of the normal texture (radians per pixel along th
 
 
 def test_every_builtin_method_is_checked():
-    assert {'reference', 'patchcore', 'mna', 'vqvae_ar'} <= set(METHODS)
+    assert {'reference', 'patchcore', 'mna', 'vqvae_ar', 'draem', 'autoencoder'} <= set(METHODS)
 
 
 def _images(n, size, channels, seed, defect=False):
