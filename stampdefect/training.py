@@ -119,6 +119,12 @@ class History:
     def last(self, n: int = 10) -> dict[str, float]:
         "Mean of each value over the last `n` steps."
         return {k: float(np.mean(v[-n:])) for k, v in self.values.items() if v}
+    def summary(self, steps: int, last: int = 50) -> dict:
+        """What a trained detector keeps of its run (its `fit_stats`): the steps planned and done (the history holds
+        the steps before a resume too), the step resumed from, whether the budget stopped it, this call's seconds,
+        and each value's mean over the last `last` steps."""
+        return {'steps': steps, 'steps_done': len(self), 'resumed_from': self.resumed_from,
+                'stopped_on_budget': self.stopped_on_budget, 'seconds': round(self.seconds, 2), 'final_loss': self.last(last)}
 
 def _smooth(v: np.ndarray, window: int) -> np.ndarray:
     if window <= 1 or len(v) < 2: return v

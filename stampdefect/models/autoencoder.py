@@ -198,9 +198,7 @@ def fit(self: AutoencoderDetector, train_data, batch_size: int | None = None, pr
                              desc='autoencoder', max_seconds=None if max_minutes is None else 60.0 * max_minutes)
     self.net.eval()
     h = self.history
-    # the history holds every step of the run, those before a resume too (they come back from the checkpoint)
-    self.fit_stats = {'images': len(images), 'steps': steps, 'steps_done': len(h), 'resumed_from': h.resumed_from,
-                      'stopped_on_budget': h.stopped_on_budget, 'seconds': round(h.seconds, 2), 'final_loss': h.last(50)}
+    self.fit_stats = {'images': len(images), **h.summary(steps)}
     self.fitted = True
     return self
 

@@ -258,8 +258,7 @@ def fit(self: DRAEMDetector, train_data, batch_size: int | None = None, progress
                              max_seconds=None if max_minutes is None else 60.0 * max_minutes)
     self.recon.eval(); self.disc.eval()
     h = self.history
-    self.fit_stats = {'images': len(images), 'steps': steps, 'steps_done': len(h), 'resumed_from': h.resumed_from,
-                      'stopped_on_budget': h.stopped_on_budget, 'seconds': round(h.seconds, 2), 'final_loss': h.last(50)}
+    self.fit_stats = {'images': len(images), **h.summary(steps)}
     self.fitted = True
     return self
 
