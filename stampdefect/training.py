@@ -19,7 +19,8 @@ from .core import atomic_write
 
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'CHECKPOINT_VERSION', 'seed_everything', 'get_rng_state', 'set_rng_state', 'shuffled_batches',
-           'random_crops', 'save_checkpoint', 'load_checkpoint', 'History', 'plot_history', 'train']
+           'random_crops', 'save_checkpoint', 'load_checkpoint', 'History', 'plot_history', 'train',
+           'check_fit_options', 'stack_training_images']
 
 # %% ../nbs/08_training.ipynb #343e5f86
 def seed_everything(seed: int) -> None:
@@ -334,3 +335,21 @@ def train(step_fn: Callable[[Any], Mapping[str, Any]], modules: nn.Module | Mapp
         bar.close()
         for n, m in mods.items(): m.train(modes[n])
     return History(values, resumed_from=start, seconds=time.time() - t0, stopped_on_budget=stop)
+
+# %% ../nbs/08_training.ipynb #78f524c4
+def check_fit_options(max_minutes: float | None, ckpt_dir) -> float | None:
+    """Check a `fit`'s time budget and checkpoint folder before any work. Returns the budget in seconds for
+    `train(max_seconds=...)` (None: no budget). ckpt_dir: None or an existing folder."""
+    if ckpt_dir is not None and not Path(ckpt_dir).is_dir(): raise FileNotFoundError(f"ckpt_dir {ckpt_dir} is not an existing folder")
+    if max_minutes is not None and not max_minutes > 0: raise ValueError(f"max_minutes must be positive, got {max_minutes}")
+    return None if max_minutes is None else 60.0 * max_minutes
+
+def stack_training_images(batches: Iterable[torch.Tensor], prepare: Callable[[torch.Tensor], torch.Tensor],
+                          name: str = 'train_data') -> torch.Tensor:
+    """Every batch of `batches` through `prepare` (a batch (B, C, H, W) -> the network's input), concatenated:
+    (N, C, h, w). ValueError naming `name` when there are no images or they come out in different sizes."""
+    parts = [prepare(b) for b in batches]
+    if not parts: raise ValueError(f"{name}: no images to fit on")
+    if len({p.shape[-2:] for p in parts}) > 1:
+        raise ValueError(f"{name}: images of different sizes; set image_size or use the tiling stage")
+    return torch.cat(parts)

@@ -18,7 +18,7 @@ from fastcore.basics import patch
 
 from ..core import Detector, Capabilities, Prediction, check_images, iter_batches, register_detector, stage
 from ..ops import resize_images, resize_maps, pick_device, gaussian_blur
-from ..training import train, shuffled_batches, History
+from ..training import train, shuffled_batches, History, check_fit_options, stack_training_images
 from ..losses import ssim_map, ssim_loss
 
 # %% auto #0
@@ -173,15 +173,10 @@ def fit(self: AutoencoderDetector, train_data, batch_size: int | None = None, pr
     `autoencoder.ckpt` (a later fit with the same folder and config resumes from it)."""
     c = self.config
     _check_autoencoder_config(c)
-    if ckpt_dir is not None and not Path(ckpt_dir).is_dir(): raise FileNotFoundError(f"ckpt_dir {ckpt_dir} is not an existing folder")
-    if max_minutes is not None and not max_minutes > 0: raise ValueError(f"max_minutes must be positive, got {max_minutes}")
+    max_seconds = check_fit_options(max_minutes, ckpt_dir)
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1): raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     with stage('load'):
-        parts = [self._prepare(b, 'train_data')[0] for b in iter_batches(train_data, 16, 'train_data')]
-        if not parts: raise ValueError("train_data: no images to fit on")
-        if len({p.shape[-2:] for p in parts}) > 1:
-            raise ValueError("train_data: images of different sizes; set image_size or use the tiling stage")
-        images = torch.cat(parts)
+        images = stack_training_images(iter_batches(train_data, 16, 'train_data'), lambda b: self._prepare(b, 'train_data')[0])
     bs = min(batch_size or c.batch_size, len(images))
     steps = c.steps or c.epochs * (len(images) // bs)
     dev = pick_device(c.device)
@@ -195,7 +190,7 @@ def fit(self: AutoencoderDetector, train_data, batch_size: int | None = None, pr
         self.history = train(step, {'net': self.net}, opt, shuffled_batches(images, bs), steps,
                              ckpt_path=None if ckpt_dir is None else Path(ckpt_dir) / 'autoencoder.ckpt',
                              ckpt_every=c.ckpt_every, seed=c.seed, log_every=c.log_every, progress=progress,
-                             desc='autoencoder', max_seconds=None if max_minutes is None else 60.0 * max_minutes)
+                             desc='autoencoder', max_seconds=max_seconds)
     self.net.eval()
     h = self.history
     self.fit_stats = {'images': len(images), **h.summary(steps)}

@@ -18,7 +18,7 @@ from fastcore.basics import patch
 
 from ..core import Detector, Capabilities, Prediction, check_images, iter_batches, register_detector, stage
 from ..ops import resize_images, resize_maps, pick_device
-from ..training import train, History
+from ..training import train, History, check_fit_options, stack_training_images
 from ..losses import ssim_loss, focal_loss
 from ..anomaly_synthesis import (AnomalySynthesisConfig, AnomalySources, AnomalySynthesizer, SOURCE_FAMILIES,
                                            _check_synthesis_config)
@@ -230,14 +230,9 @@ def fit(self: DRAEMDetector, train_data, batch_size: int | None = None, progress
     same folder and config resumes from it)."""
     c = self.config
     _check_draem_config(c)
-    if ckpt_dir is not None and not Path(ckpt_dir).is_dir(): raise FileNotFoundError(f"ckpt_dir {ckpt_dir} is not an existing folder")
-    if max_minutes is not None and not max_minutes > 0: raise ValueError(f"max_minutes must be positive, got {max_minutes}")
+    max_seconds = check_fit_options(max_minutes, ckpt_dir)
     with stage('load'):
-        parts = [self._prepare(b, 'train_data') for b in iter_batches(train_data, 16, 'train_data')]
-        if not parts: raise ValueError("train_data: no images to fit on")
-        if len({p.shape[-2:] for p in parts}) > 1:
-            raise ValueError("train_data: images of different sizes; set image_size or use the tiling stage")
-        images = torch.cat(parts)
+        images = stack_training_images(iter_batches(train_data, 16, 'train_data'), lambda b: self._prepare(b, 'train_data'))
     bs = batch_size or c.batch_size
     steps_per_epoch = max(1, math.ceil(len(images) / bs))
     steps = c.steps or c.epochs * steps_per_epoch
@@ -255,7 +250,7 @@ def fit(self: DRAEMDetector, train_data, batch_size: int | None = None, progress
                              draem_batches(images, synthesizer, bs, steps_per_epoch), steps, scheduler=sched,
                              ckpt_path=None if ckpt_dir is None else Path(ckpt_dir) / 'draem.ckpt', ckpt_every=c.ckpt_every,
                              seed=c.seed, log_every=c.log_every, progress=progress, desc='draem',
-                             max_seconds=None if max_minutes is None else 60.0 * max_minutes)
+                             max_seconds=max_seconds)
     self.recon.eval(); self.disc.eval()
     h = self.history
     self.fit_stats = {'images': len(images), **h.summary(steps)}

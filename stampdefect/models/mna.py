@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from ..core import Detector, Prediction, Capabilities, TilePositions, check_images, iter_batches, register_detector, stage
-from ..training import History, train
+from ..training import History, train, check_fit_options
 from ..ops import gaussian_blur, pick_device
 from ..blocks.vqvae import VQVAE, VQVAEConfig, fit_vqvae
 from ..blocks.mna import MNAPrior, MNAPriorConfig, latent_coords
@@ -242,11 +242,9 @@ def _fit(self: LatentPriorDetector, train_data, batch_size: int | None = None, p
     panels = _panels(train_data, c.channels, c.patch_size, 'train_data')
     calib = panels if calib_data is None else _panels(calib_data, c.channels, c.patch_size, 'calib_data')
     dev = pick_device(c.device)
-    if ckpt_dir is not None and not Path(ckpt_dir).is_dir(): raise FileNotFoundError(f"ckpt_dir {ckpt_dir} is not an existing folder")
+    budget = check_fit_options(max_minutes, ckpt_dir)
     ck = (lambda name: None) if ckpt_dir is None else (lambda name: Path(ckpt_dir) / f'{self.name}_{name}.ckpt')
     t0 = time.time()
-    budget = None if max_minutes is None else 60.0 * max_minutes
-    if budget is not None and budget <= 0: raise ValueError(f"max_minutes must be positive, got {max_minutes}")
     if vqvae is None:
         torch.manual_seed(c.seed)
         vqvae = VQVAE(c.vqvae_config())
